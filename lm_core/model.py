@@ -1,0 +1,312 @@
+"""A small decoder-only GPT: config, KV cache and the model, in one readable file.
+
+Defaults follow the modern Llama-style recipe (RoPE, RMSNorm, SwiGLU, no biases, tied embeddings);
+the classic GPT-2 pieces (learned positions, LayerNorm, GELU) are config switches so the two can be
+compared on equal footing. Module names mirror Llama's (q_proj, gate_proj, ...) so checkpoints can be
+mapped to Hugging Face layouts by renaming keys alone.
+
+Shape letters: B batch, T new tokens, S attended positions (cache + new), C n_embd,
+H query heads, K kv heads, D head_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from lm_core.typed_config import ConfigError  # a ValueError; lets the pipeline report all config errors alike
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4096
+    block_size: int = 256  # max context length
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # grouped-query attention; None means n_head
+    n_embd: int = 256
+    mlp: str = "swiglu"  # "swiglu" | "gelu"
+    mlp_hidden: int | None = None  # None: 4*n_embd for gelu; 8/3*n_embd rounded up to a multiple of 64 for swiglu
+    norm: str = "rmsnorm"  # "rmsnorm" | "layernorm"
+    pos: str = "rope"  # "rope" | "learned"
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+    bias: bool = False  # biases in linears and LayerNorm (RMSNorm never has one)
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+
+    def validate(self) -> None:
+        def fail(msg: str) -> None:
+            raise ConfigError(msg)
+
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "mlp_hidden"):
+            value = getattr(self, key)
+            if value is None and key in ("n_kv_head", "mlp_hidden"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                fail(f"model.{key}={value!r} must be a positive integer; set model.{key} to e.g. 1 or more")
+        choices = {"mlp": ("swiglu", "gelu"), "norm": ("rmsnorm", "layernorm"), "pos": ("rope", "learned")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                fail(f"model.{key}={getattr(self, key)!r} is not supported; "
+                     f"set model.{key} to one of {', '.join(allowed)}")
+        if self.n_embd % self.n_head:
+            fail(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                 f"set model.n_embd to a multiple of {self.n_head}")
+        if self.pos == "rope" and self.head_dim % 2:
+            fail(f"model.n_embd/model.n_head={self.head_dim} must be even for rope (pairs of dims rotate together); "
+                 f"set model.n_embd to a multiple of {2 * self.n_head} or use model.pos=learned")
+        if self.n_head % self.kv_heads:
+            fail(f"model.n_head={self.n_head} is not divisible by model.n_kv_head={self.n_kv_head}; "
+                 f"set model.n_kv_head to a divisor of {self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            fail(f"model.dropout={self.dropout} must be in [0, 1); set model.dropout to e.g. 0.0 or 0.1")
+        for key in ("rope_theta", "norm_eps"):
+            if not getattr(self, key) > 0:
+                fail(f"model.{key}={getattr(self, key)} must be > 0; set model.{key} to a positive number")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def hidden_dim(self) -> int:
+        """The resolved MLP width. SwiGLU has three matrices instead of two, so 8/3*C keeps params ~ GELU's 4*C."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        return 64 * math.ceil(round(8 * self.n_embd / 3) / 64)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count from config arithmetic alone (no model needed, e.g. for sizing sweeps).
+
+        exclude_embeddings drops the lookup tables wte and wpe (the Kaplan "non-embedding" N);
+        an untied lm_head stays counted, a tied one is wte and goes with it.
+        """
+        C, D, L = self.n_embd, self.head_dim, self.n_layer
+        b = int(self.bias)
+        linear = lambda n_in, n_out: n_in * n_out + b * n_out  # noqa: E731
+        norm = C * (2 if self.norm == "layernorm" and self.bias else 1)
+        attn = linear(C, self.n_head * D) + 2 * linear(C, self.kv_heads * D) + linear(self.n_head * D, C)
+        n_mats = 3 if self.mlp == "swiglu" else 2
+        mlp = (n_mats - 1) * linear(C, self.hidden_dim) + linear(self.hidden_dim, C)
+        total = L * (attn + mlp + 2 * norm) + norm  # + final norm
+        embeddings = self.vocab_size * C + (self.block_size * C if self.pos == "learned" else 0)
+        lm_head = 0 if self.tie_embeddings else self.vocab_size * C
+        return total + lm_head + (0 if exclude_embeddings else embeddings)
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward), nanoGPT/Chinchilla style.
+
+        6 per weight that takes part in a matmul, plus the attention score/value matmuls
+        (12 * L * C * T at full context). A tied lm_head is excluded from num_params(True) but still
+        does a V x C matmul per token, so it is added back here.
+        """
+        matmul_params = self.num_params(exclude_embeddings=True)
+        if self.tie_embeddings:
+            matmul_params += self.vocab_size * self.n_embd
+        return 6 * matmul_params + 12 * self.n_layer * self.n_embd * self.block_size
+
+
+class KVCache:
+    """Pre-allocated per-layer key/value cache: k, v tensors of shape (n_layer, B, n_kv_head, max_len, head_dim).
+
+    Pre-allocating (instead of torch.cat per step) keeps decode steps free of reallocations. `pos` is
+    the number of filled positions; layers write at [pos:pos+T] and the model advances pos once,
+    after the last layer, so every layer sees the same offset.
+    """
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
+        shape = (cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.batch_size, self.max_len = batch_size, max_len
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0  # stale entries beyond pos are never read, so no need to zero them
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, K, T, D) at [pos:pos+T] and return everything filled so far, (B, K, S, D)."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def rope_tables(cfg: GPTConfig, device=None) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (block_size, D/2): the rotation angle of each (position, frequency) pair."""
+    dims = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device)  # (D/2,)
+    inv_freq = 1.0 / (cfg.rope_theta ** (dims / cfg.head_dim))
+    angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, T, H, D) by position. Uses the "rotate half" pairing (dim i with i + D/2), as
+    Hugging Face Llama does, so Llama q/k weights load without permuting."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, T, H, D/2) each
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.use_rope = cfg.pos == "rope"
+        # separate projections (not fused qkv) map 1:1 onto Llama checkpoints
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
+        offset = 0
+        if kv_cache is not None:
+            offset = kv_cache.pos
+            k, v = kv_cache.update(self.layer, k, v)  # (B, K, S, D), S = offset + T
+        if offset == 0:
+            # queries and keys cover the same positions: the plain causal mask is right (and fastest)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        else:
+            # query i sits at absolute position offset+i and may see keys 0..offset+i. For T == 1 that is
+            # every key, so no mask; is_causal would wrongly align the mask to the top-left corner.
+            mask = None
+            if T > 1:
+                S = k.size(2)
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=offset)  # (T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
+        return self.dropout(self.o_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.kind, hidden = cfg.mlp, cfg.hidden_dim
+        if cfg.mlp == "swiglu":
+            self.gate_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+            self.up_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+            self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        else:
+            self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+            self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "swiglu":
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, hidden)
+            return self.dropout(self.down_proj(h))
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        return self.down_proj if self.kind == "swiglu" else self.proj
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # one Parameter, two uses
+        # RoPE tables are derived from the config, so keep them out of state_dict (non-persistent)
+        cos, sin = rope_tables(cfg) if cfg.pos == "rope" else (torch.empty(0), torch.empty(0))
+        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D/2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Deterministic given `seed` (uses the global RNG when None). Residual output projections get
+        std / sqrt(2 * n_layer) because 2 * n_layer of them add into the residual stream (GPT-2)."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.wte.weight.device).manual_seed(seed)
+        std, resid_std = 0.02, 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        residual_outputs = {id(b.attn.o_proj) for b in self.blocks} | {id(b.mlp.out_proj) for b in self.blocks}
+        for module in self.modules():  # fixed order, so the same seed gives the same weights
+            if isinstance(module, nn.Linear):
+                if module is self.lm_head and self.cfg.tie_embeddings:
+                    continue  # its weight is wte's, initialised once as an embedding
+                nn.init.normal_(module.weight, 0.0, resid_std if id(module) in residual_outputs else std, generator=gen)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std, generator=gen)
+            elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        if self.cfg.pos == "rope":  # recompute too, so a model built on the meta device and moved is valid
+            cos, sin = rope_tables(self.cfg, device=self.rope_cos.device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *, kv_cache: KVCache | None = None,
+                reduction: str = "mean") -> tuple[Tensor, Tensor | None]:
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens (cache {start} + new {T}) exceeds "
+                             f"model.block_size={self.cfg.block_size}; crop the input")
+        if kv_cache is not None and (start + T > kv_cache.max_len or B != kv_cache.batch_size):
+            raise ValueError(f"KV cache (batch {kv_cache.batch_size}, max_len {kv_cache.max_len}) cannot take "
+                             f"batch {B} at positions {start}..{start + T - 1}; allocate a larger cache or reset it")
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, D/2); empty without rope
+        for block in self.blocks:
+            x = block(x, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        logits = self.lm_head(self.norm_f(x)).float()  # (B, T, V); float32 so softmax/CE are stable under bf16
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1, reduction=reduction)
+        return logits, loss.view(B, T) if reduction == "none" else loss

@@ -1,0 +1,36 @@
+"""`python -m pipelines [-c CONFIG] [--only STAGE | --from STAGE] [--force] [KEY=VALUE ...]`:
+the whole pipeline as plain function calls, without Prefect."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from pipelines.config import load_config
+from pipelines.report import print_summary, quiet_environment
+from pipelines.runner import STAGES, preflight, run_pipeline
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__)
+    p.add_argument("-c", "--config", default="default")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--only", choices=STAGES)
+    which.add_argument("--from", dest="start", choices=STAGES)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    ws = preflight(cfg)
+    quiet_environment(ws)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    results = run_pipeline(cfg, only=args.only, start=args.start, force=args.force)
+    print_summary(cfg, ws, results, time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

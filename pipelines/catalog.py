@@ -1,0 +1,53 @@
+"""The DuckDB catalog: tables every data stage writes, keyed by the stage key that wrote them.
+
+documents   one row per ingested document of a snapshot (the ingest key)
+quarantine  records refused at ingest, with the reason and a snippet
+doc_status  per dedup key: each document kept, or dropped with a reason and what it duplicates
+splits      per split key: each kept document's split (train/val)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (
+    snapshot VARCHAR, doc_id VARCHAR, source VARCHAR, uri VARCHAR, text VARCHAR,
+    n_bytes BIGINT, content_hash VARCHAR);
+CREATE TABLE IF NOT EXISTS quarantine (
+    snapshot VARCHAR, source VARCHAR, uri VARCHAR, reason VARCHAR, snippet VARCHAR);
+CREATE TABLE IF NOT EXISTS doc_status (
+    dedup_key VARCHAR, snapshot VARCHAR, doc_id VARCHAR, status VARCHAR, reason VARCHAR, duplicate_of VARCHAR);
+CREATE TABLE IF NOT EXISTS splits (
+    split_key VARCHAR, snapshot VARCHAR, doc_id VARCHAR, split VARCHAR);
+"""
+
+
+def ensure_schema(con: Any) -> None:
+    con.execute(SCHEMA)
+
+
+def rows(con: Any, sql: str, params: list | None = None) -> list[tuple]:
+    """Run a query and fetch everything (DuckDB blocks the connection on an unfinished result)."""
+    return con.execute(sql, params or []).fetchall()
+
+
+def scalar(con: Any, sql: str, params: list | None = None) -> Any:
+    result = rows(con, sql, params)
+    return result[0][0] if result else None
+
+
+def split_texts(con: Any, split_key: str, split: str, batch_size: int = 512, order: str = "d.doc_id") -> Iterator[list[tuple[str, str]]]:
+    """Batches of (doc_id, text) of one split, streamed so a large split never sits in memory whole."""
+    cursor = con.cursor()
+    try:
+        cursor.execute(
+            f"""SELECT d.doc_id, d.text FROM splits s
+                JOIN documents d ON d.snapshot = s.snapshot AND d.doc_id = s.doc_id
+                WHERE s.split_key = ? AND s.split = ? ORDER BY {order}""",
+            [split_key, split],
+        )
+        while batch := cursor.fetchmany(batch_size):
+            yield batch
+    finally:
+        cursor.close()

@@ -1,0 +1,77 @@
+"""Stage 6, pretrain: train the GPT on the train shards through lm_core's DeepSpeed engine.
+
+TensorBoard logs go to `tensorboard/<key>/` and DeepSpeed checkpoints to `checkpoints/<key>/`, so an
+interrupted run of the same key resumes from its last checkpoint; the stage output is the final model
+directory (safetensors) and the metric history.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from lm_core.engine import train
+from lm_core.shards import open_split
+from lm_core.tokenizer import Tokenizer
+from lm_core.tracking import JsonlTracker, MultiTracker, TensorBoardTracker
+from lm_core.weights import save_model_dir
+from pipelines import tokenizer as tokenizer_stage
+from pipelines.config import PipelineConfig
+from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
+
+STAGE, VERSION = "pretrain", "1"
+MODEL_DIR, HISTORY_FILE = "model", "history.jsonl"
+log = logging.getLogger("lmforge")
+
+
+def key(cfg: PipelineConfig, shard: StageResult, tokenizer: StageResult) -> str:
+    return stage_key(STAGE, VERSION, {"model": cfg.model, "train": cfg.train}, [shard, tokenizer])
+
+
+def run(cfg: PipelineConfig, ws: Workspace, shard: StageResult, tokenizer: StageResult, force: bool = False,
+        progress: Callable[[dict], None] | None = None) -> StageResult:
+    pretrain_key = key(cfg, shard, tokenizer)
+    checkpoints, tb_dir = ws.checkpoints / pretrain_key, ws.tensorboard / pretrain_key
+    progress = progress or _log_progress
+
+    def build(out: Path) -> dict:
+        if force:  # a forced rerun starts over instead of resuming the finished run
+            shutil.rmtree(checkpoints, ignore_errors=True)
+            shutil.rmtree(tb_dir, ignore_errors=True)
+        tok = Tokenizer(tokenizer_stage.model_path(tokenizer))
+        train_shards = open_split(shard.dir, "train", tok.sha256)
+        val_shards = open_split(shard.dir, "val", tok.sha256)
+        tracker = MultiTracker(TensorBoardTracker(tb_dir), JsonlTracker(out / HISTORY_FILE))
+        try:
+            result = train(cfg.model, cfg.train, train_shards, val_shards, checkpoints, tracker, progress)
+        finally:
+            tracker.close()
+        save_model_dir(result.model, tokenizer_stage.model_path(tokenizer), out / MODEL_DIR,
+                       extra={"tokenizer_sha256": tok.sha256})
+        return {
+            "params": cfg.model.num_params(),
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "final_train_loss": result.final_loss,
+            "final_val_loss": result.final_val_loss,
+            "wall_seconds": round(result.wall_s, 2),
+            "tokens_per_s": (result.steps - result.resumed_from_step) * cfg.train.global_batch_size
+            * cfg.model.block_size / max(result.wall_s, 1e-9),
+            "resumed_from_step": result.resumed_from_step,
+            "tensorboard_dir": str(tb_dir),
+            "checkpoint_dir": str(checkpoints),
+        }
+
+    return run_stage(ws, STAGE, pretrain_key, build, force)
+
+
+def model_dir(result: StageResult) -> Path:
+    return result.dir / MODEL_DIR
+
+
+def _log_progress(m: dict) -> None:
+    log.info("pretrain step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f%s", m["step"], m["max_steps"],
+             m["train/loss"], m["train/lr"], m["train/grad_norm"], m["train/tokens_per_s"],
+             f" val_loss {m['val/loss']:.4f}" if "val/loss" in m else "")

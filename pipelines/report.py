@@ -1,0 +1,48 @@
+"""What a finished run prints, and the environment the services want before they are imported."""
+
+from __future__ import annotations
+
+import os
+import resource
+
+from pipelines.config import PipelineConfig
+from pipelines.workspace import StageResult, Workspace
+
+
+def quiet_environment(ws: Workspace) -> None:
+    """Settings that must be in place before prefect/mlflow are imported."""
+    os.environ.setdefault("PREFECT_HOME", str(ws.prefect_home))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lmforge")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def print_summary(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageResult], seconds: float) -> None:
+    peak_mb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    print(f"\nlmforge run '{cfg.name}' finished in {seconds:.1f} s (peak RSS {peak_mb:.0f} MB); workspace {ws.root}\n")
+    headline = {
+        "ingest": ("read", "documents", "quarantined"), "dedup": ("read", "kept", "dropped"),
+        "split": ("train_docs", "val_docs"), "tokenizer": ("vocab_size", "val_bytes_per_token"),
+        "shard": ("train_num_tokens", "val_num_tokens"), "pretrain": ("steps", "final_train_loss", "tokens_per_s"),
+        "evaluate": ("val_bpb", "untrained_val_bpb", "val_perplexity"), "export": (), "register": ("model_name", "version", "alias"),
+    }
+    for name, result in results.items():
+        facts = ", ".join(f"{k}={_fmt(result.metrics.get(k))}" for k in headline.get(name, ()) if k in result.metrics)
+        state = "reused" if result.reused else "ran"
+        print(f"  {name:<10} {state:<6} {result.key}  {facts}")
+    if "export" in results:
+        print(f"\n  export: {results['export'].path}")
+    print(
+        "\nLook inside:\n"
+        f"  Prefect UI:  PREFECT_HOME={ws.prefect_home} .venv/bin/prefect server start --host 127.0.0.1 --port 4200\n"
+        f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {ws.mlflow_uri} --host 127.0.0.1 --port 5000 --workers 1\n"
+        f"  TensorBoard: .venv/bin/tensorboard --logdir {ws.tensorboard} --host 127.0.0.1 --port 6006\n"
+        f"  Sample:      .venv/bin/lmforge generate --workspace {ws.root} --prompt 'ROMEO.'"
+    )
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,50 @@
+"""Stage 4, tokenizer: SentencePiece BPE trained on a seeded sample of the train split, streamed from DuckDB."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator
+
+from lm_core.tokenizer import Tokenizer, train_tokenizer
+from pipelines import catalog
+from pipelines.config import PipelineConfig
+from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
+
+STAGE, VERSION = "tokenizer", "1"
+MODEL_FILE = "tokenizer.model"
+
+
+def key(cfg: PipelineConfig, split: StageResult) -> str:
+    return stage_key(STAGE, VERSION, cfg.tokenizer, [split])
+
+
+def run(cfg: PipelineConfig, ws: Workspace, split: StageResult, force: bool = False) -> StageResult:
+    def build(out: Path) -> dict:
+        started = time.perf_counter()
+        with ws.duckdb() as con:
+            # a seeded order, so when the split is larger than sample_bytes the sample is a fair one
+            order = f"md5(d.doc_id || ':{int(cfg.tokenizer.seed)}')"
+            lines = _lines(catalog.split_texts(con, split.key, "train", order=order))
+            train_tokenizer(cfg.tokenizer, lines, out / MODEL_FILE)
+            train_s = time.perf_counter() - started
+            tok = Tokenizer(out / MODEL_FILE)
+            n_bytes = n_tokens = 0
+            for batch in catalog.split_texts(con, split.key, "val"):
+                texts = [text for _, text in batch]
+                n_bytes += sum(len(t.encode("utf-8")) for t in texts)
+                n_tokens += sum(len(ids) for ids in tok.encode_batch(texts, cfg.tokenizer.num_threads))
+        return {"vocab_size": tok.vocab_size, "sha256": tok.sha256, "train_seconds": round(train_s, 3),
+                "val_bytes_per_token": n_bytes / max(1, n_tokens)}
+
+    return run_stage(ws, STAGE, key(cfg, split), build, force)
+
+
+def model_path(result: StageResult) -> Path:
+    return result.dir / MODEL_FILE
+
+
+def _lines(batches: Iterator[list[tuple[str, str]]]) -> Iterator[str]:
+    for batch in batches:
+        for _, text in batch:
+            yield from text.splitlines(keepends=True)

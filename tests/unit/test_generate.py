@@ -1,0 +1,144 @@
+"""Unit tests for lm_core.generate: cached vs uncached equivalence, sampling, stopping, config errors."""
+
+import pytest
+import torch
+
+from lm_core.generate import SamplingConfig, generate, generate_tokens, sample_next
+from lm_core.model import GPT, GPTConfig
+
+PATTERN = [5, 12, 3, 40, 7, 22, 9, 31]  # period 8, all distinct, so the next token is a function of the last one
+GREEDY = SamplingConfig(max_new_tokens=24, temperature=0.0)
+
+
+def continuation(start_token: int, n: int) -> list[int]:
+    i = PATTERN.index(start_token)
+    return [PATTERN[(i + 1 + j) % len(PATTERN)] for j in range(n)]
+
+
+def train_on_pattern(cfg: GPTConfig, steps: int = 150) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    data = torch.tensor(PATTERN * 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    T = cfg.block_size
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - T - 1, (8,))
+        x = torch.stack([data[s:s + T] for s in starts])
+        y = torch.stack([data[s + 1:s + T + 1] for s in starts])
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, f"tiny model failed to learn the pattern (loss {loss.item():.3f})"
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained() -> GPT:
+    return train_on_pattern(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+
+
+@pytest.fixture(scope="module")
+def trained_learned() -> GPT:
+    cfg = GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32, pos="learned", norm="layernorm",
+                    mlp="gelu", tie_embeddings=False)
+    return train_on_pattern(cfg)
+
+
+def test_greedy_with_cache_equals_without(trained, trained_learned):
+    for model in (trained, trained_learned):
+        prompt = PATTERN[:5]
+        cached = generate(model, prompt, GREEDY, use_cache=True)
+        uncached = generate(model, prompt, GREEDY, use_cache=False)
+        assert len(cached) == 24
+        assert cached == uncached
+
+
+def test_greedy_reproduces_learned_pattern(trained, trained_learned):
+    for model in (trained, trained_learned):
+        prompt = PATTERN[2:7]
+        assert generate(model, prompt, GREEDY) == continuation(prompt[-1], 24)
+
+
+def test_cache_equals_no_cache_past_block_size():
+    # prompt 20 + 30 new tokens overflows block_size=32: the cached path must slide the window like the baseline
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32)).eval()
+    prompt = torch.randint(0, 64, (20,)).tolist()
+    for sampling in (SamplingConfig(max_new_tokens=30, temperature=0.0),
+                     SamplingConfig(max_new_tokens=30, temperature=1.0, top_k=20, top_p=0.9, seed=3)):
+        assert generate(model, prompt, sampling) == generate(model, prompt, sampling, use_cache=False)
+    long_prompt = torch.randint(0, 64, (40,)).tolist()  # longer than the block on its own
+    greedy = SamplingConfig(max_new_tokens=5, temperature=0.0)
+    assert generate(model, long_prompt, greedy) == generate(model, long_prompt, greedy, use_cache=False)
+
+
+def test_seeded_sampling_is_reproducible():
+    # an untrained model is near-uniform, so different seeds almost surely diverge
+    torch.manual_seed(2)
+    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32))
+    sampling = SamplingConfig(max_new_tokens=20, temperature=1.0, seed=7)
+    first = generate(model, [1, 2, 3], sampling)
+    assert first == generate(model, [1, 2, 3], sampling)
+    assert first == generate(model, [1, 2, 3], sampling, use_cache=False)
+    other = generate(model, [1, 2, 3], SamplingConfig(max_new_tokens=20, temperature=1.0, seed=8))
+    assert other != first
+
+
+def test_eos_stops_and_is_not_yielded(trained):
+    prompt = PATTERN[:3]  # continues 40, 7, 22, 9, ...
+    out = generate(trained, prompt, GREEDY, eos_id=22)
+    assert out == [40, 7]
+    assert generate(trained, prompt, GREEDY, eos_id=PATTERN[3]) == []
+
+
+def test_top_k_one_and_tiny_top_p_equal_greedy(trained):
+    prompt = PATTERN[1:4]
+    greedy = generate(trained, prompt, GREEDY)
+    assert generate(trained, prompt, SamplingConfig(max_new_tokens=24, temperature=1.0, top_k=1, seed=0)) == greedy
+    assert generate(trained, prompt, SamplingConfig(max_new_tokens=24, temperature=1.5, top_p=1e-6, seed=0)) == greedy
+
+
+def test_sample_next_respects_top_k_and_top_p():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0])  # probs ~ .64 .23 .09 .03 .01
+    gen = torch.Generator().manual_seed(0)
+    top_k = {sample_next(logits, SamplingConfig(top_k=2), gen) for _ in range(200)}
+    assert top_k == {0, 1}
+    top_p = {sample_next(logits, SamplingConfig(top_p=0.8), gen) for _ in range(200)}
+    assert top_p == {0, 1}  # .64 < .8, so the second token is needed; .64+.23 >= .8 stops there
+    everything = {sample_next(logits, SamplingConfig(temperature=5.0), gen) for _ in range(400)}
+    assert everything == {0, 1, 2, 3, 4}
+
+
+def test_mode_and_grad_state_restored(trained):
+    trained.train()
+    tokens = generate_tokens(trained, PATTERN[:2], GREEDY)
+    next(tokens)
+    assert not trained.training  # eval while the iterator is live
+    assert torch.is_grad_enabled()  # no_grad does not leak to the caller between steps
+    tokens.close()
+    assert trained.training
+    generate(trained, PATTERN[:2], SamplingConfig(max_new_tokens=3, temperature=0.0))
+    assert trained.training
+    trained.eval()
+
+
+def test_zero_new_tokens_and_bad_inputs(trained):
+    assert generate(trained, PATTERN[:2], SamplingConfig(max_new_tokens=0)) == []
+    with pytest.raises(ValueError, match="prompt_ids is empty"):
+        generate_tokens(trained, [], GREEDY)  # raises at call time, not on first next()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(temperature=-1), r"sampling\.temperature=-1 must be >= 0"),
+    (dict(top_k=0), r"sampling\.top_k=0 must be an integer >= 1"),
+    (dict(top_p=0.0), r"sampling\.top_p=0\.0 must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"sampling\.top_p=1\.5"),
+    (dict(max_new_tokens=-3), r"sampling\.max_new_tokens=-3 must be an integer >= 0"),
+    (dict(seed=1.5), r"sampling\.seed=1\.5 must be an integer"),
+])
+def test_validate_names_the_key(overrides, match, trained):
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(**overrides).validate()
+    with pytest.raises(ValueError, match=match):
+        generate(trained, [1], SamplingConfig(**overrides))
