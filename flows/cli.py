@@ -111,7 +111,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     ids: list[int] = []
     printed = ""
     print(args.prompt, end="", flush=True)
-    for token in generate_tokens(model, tok.encode(args.prompt), sampling, eos_id=tok.eos_id):
+    for token in generate_tokens(model, tok.encode(args.prompt, bos=True), sampling, eos_id=tok.eos_id):
         ids.append(token)
         text = tok.decode(ids)
         if not text.endswith("\ufffd"):  # hold back a partial UTF-8 character until it completes

@@ -104,8 +104,10 @@ class Tokenizer:
         self.pad_id: int = self._sp.pad_id()
         self.sha256: str = hashlib.sha256(self.path.read_bytes()).hexdigest()
 
-    def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        """Token ids of text; bos=True prefixes the document-start id, as every training document is."""
+        ids = self._sp.encode(text)
+        return [self.bos_id, *ids] if bos else ids
 
     def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
         # sentencepiece releases the GIL and splits the batch over its own threads

@@ -38,7 +38,7 @@ def run(cfg: PipelineConfig, ws: Workspace, pretrain: StageResult, shard: StageR
         torch.manual_seed(cfg.train.seed)  # the same initial weights the training run started from
         untrained = bits_per_byte(GPT(cfg.model), val, token_bytes, **args)
         samples = [
-            {"prompt": p, "completion": tok.decode(generate(model, tok.encode(p), cfg.eval.sampling, eos_id=tok.eos_id))}
+            {"prompt": p, "completion": tok.decode(generate(model, tok.encode(p, bos=True), cfg.eval.sampling, eos_id=tok.eos_id))}
             for p in cfg.eval.prompts
         ]
         (out / SAMPLES_FILE).write_text(json.dumps(samples, indent=2))

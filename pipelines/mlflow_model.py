@@ -28,6 +28,6 @@ class LmforgeTextGenerator(mlflow.pyfunc.PythonModel):
         prompts = model_input["prompt"].tolist() if hasattr(model_input, "columns") else list(model_input)
         sampling = SamplingConfig(**{k: v for k, v in (params or {}).items() if k in SamplingConfig.__dataclass_fields__})
         return [
-            self.tokenizer.decode(generate(self.model, self.tokenizer.encode(str(p)), sampling, eos_id=self.tokenizer.eos_id))
+            self.tokenizer.decode(generate(self.model, self.tokenizer.encode(str(p), bos=True), sampling, eos_id=self.tokenizer.eos_id))
             for p in prompts
         ]

@@ -50,9 +50,9 @@ def run(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageResult], tag
 
         configure_mlflow(ws)
         client = MlflowClient()
-        experiment = mlflow.set_experiment(cfg.register.experiment)
+        experiment = _experiment(client, ws, cfg.register.experiment)
         run_tags = {**lineage(cfg, results), **(tags or {})}
-        with mlflow.start_run(run_name=f"{cfg.name}-{export.key[:8]}", tags=run_tags) as run:
+        with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=f"{cfg.name}-{export.key[:8]}", tags=run_tags) as run:
             params = {k: str(v)[:500] for k, v in flatten({k: v for k, v in cfg.to_dict().items() if k != "workspace"}).items()}
             mlflow.log_params(params)
             _log_history(client, run.info.run_id, results["pretrain"])
@@ -90,6 +90,16 @@ def run(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageResult], tag
         return registration
 
     return run_stage(ws, STAGE, key(cfg, results), build, force)
+
+
+def _experiment(client, ws: Workspace, name: str):
+    """The experiment, created with its artifacts inside the workspace (MLflow's default is ./mlruns)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        location = (ws.mlflow_dir / "artifacts").resolve().as_uri()
+        client.create_experiment(name, artifact_location=location)
+        experiment = client.get_experiment_by_name(name)
+    return experiment
 
 
 def _log_history(client, run_id: str, pretrain: StageResult) -> None:
