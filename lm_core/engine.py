@@ -155,10 +155,11 @@ def train(
     )
 
     checkpoint_dir = Path(checkpoint_dir)
-    start_step = 0
+    start_step, loss_value = 0, float("nan")
     if (checkpoint_dir / "latest").is_file():
         _, client_state = engine.load_checkpoint(str(checkpoint_dir))
         start_step = int(client_state["step"])
+        loss_value = float(client_state.get("loss", float("nan")))
 
     accum = cfg.grad_accum_steps(world_size)
     # each rank draws its own micro-batches: the seed mixes in the rank so ranks see different windows
@@ -169,10 +170,11 @@ def train(
 
     started = time.perf_counter()
     window_start, window_tokens = time.perf_counter(), 0
-    loss_value, val_loss = float("nan"), None
+    val_loss = None
     engine.train()
     for step in range(start_step, cfg.max_steps):
         step_loss = 0.0
+        step_lr = scheduler.get_last_lr()[0]  # the rate this step uses; the scheduler advances inside engine.step()
         for micro in range(accum):
             window = torch.from_numpy(batches.batch(step * accum + micro)).to(device)
             with autocast:
@@ -188,14 +190,14 @@ def train(
             grad_norm = engine.get_global_grad_norm()
             metrics = {
                 "train/loss": loss_value,
-                "train/lr": scheduler.get_last_lr()[0],
+                "train/lr": step_lr,
                 "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "train/tokens_per_s": window_tokens / elapsed,
                 "train/step_s": elapsed / max(1, window_tokens // tokens_per_step),
             }
             if cfg.peak_tflops > 0:
                 metrics["train/mfu"] = metrics["train/tokens_per_s"] * flops_per_token / (cfg.peak_tflops * 1e12)
-            if val_shards is not None and cfg.eval_every and done % cfg.eval_every == 0:
+            if val_shards is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
                 val_loss = evaluate_loss(engine.module, val_shards, model_cfg.block_size, cfg.eval_windows, cfg.precision)
                 metrics["val/loss"] = val_loss
             if rank == 0:
@@ -204,9 +206,9 @@ def train(
                     progress({"step": done, "max_steps": cfg.max_steps, **metrics})
             window_start, window_tokens = time.perf_counter(), 0
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
-            _save_checkpoint(engine, checkpoint_dir, done, done * tokens_per_step, cfg.keep_checkpoints)
+            _save_checkpoint(engine, checkpoint_dir, done, done * tokens_per_step, loss_value, cfg.keep_checkpoints)
 
-    _save_checkpoint(engine, checkpoint_dir, cfg.max_steps, cfg.max_steps * tokens_per_step, cfg.keep_checkpoints)
+    _save_checkpoint(engine, checkpoint_dir, cfg.max_steps, cfg.max_steps * tokens_per_step, loss_value, cfg.keep_checkpoints)
     if val_shards is not None:
         val_loss = evaluate_loss(engine.module, val_shards, model_cfg.block_size, cfg.eval_windows, cfg.precision)
         if rank == 0:
@@ -233,9 +235,9 @@ def evaluate_loss(model: torch.nn.Module, val_shards: list[np.ndarray], block_si
     return total / max(1, count)
 
 
-def _save_checkpoint(engine, checkpoint_dir: Path, step: int, tokens: int, keep: int) -> None:
+def _save_checkpoint(engine, checkpoint_dir: Path, step: int, tokens: int, loss: float, keep: int) -> None:
     tag = f"step{step:08d}"
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"step": step, "tokens": tokens})
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"step": step, "tokens": tokens, "loss": loss})
     tags = sorted(p for p in checkpoint_dir.glob("step*") if p.is_dir())
     for old in tags[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

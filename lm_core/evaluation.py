@@ -25,6 +25,7 @@ def bits_per_byte(
     bpb = sum of nats over targets that stand for text / (ln 2 * their UTF-8 bytes); control
     targets (bos/eos) carry no bytes and are left out of bpb but kept in loss/perplexity.
     """
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     byte_table = torch.from_numpy(token_bytes.astype(np.int64)).to(device)
@@ -44,6 +45,7 @@ def bits_per_byte(
             nats_text += (losses * (nbytes > 0)).sum().item()
             n_targets += targets.numel()
             n_bytes += int(nbytes.sum().item())
+    model.train(was_training)
     loss = nats_all / n_targets
     return {
         "loss": loss,

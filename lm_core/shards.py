@@ -159,11 +159,11 @@ class RandomWindowBatches:
     """
 
     def __init__(self, shards: list[np.ndarray], block_size: int, batch_size: int, seed: int):
-        usable = [s for s in shards if s.size > block_size + 1]
+        usable = [s for s in shards if s.size >= block_size + 1]
         if not usable:
-            raise ShardError(f"no shard is longer than block_size+1={block_size + 1} tokens; lower model.block_size or add data")
+            raise ShardError(f"no shard holds block_size+1={block_size + 1} tokens; lower model.block_size or add data")
         self.shards, self.block_size, self.batch_size, self.seed = usable, block_size, batch_size, seed
-        sizes = np.array([s.size - block_size - 1 for s in usable], dtype=np.float64)
+        sizes = np.array([s.size - block_size for s in usable], dtype=np.float64)  # window starts per shard
         self._weights = sizes / sizes.sum()
 
     def batch(self, step: int) -> np.ndarray:
@@ -173,7 +173,7 @@ class RandomWindowBatches:
         out = np.empty((self.batch_size, self.block_size + 1), dtype=np.int64)
         for row, shard_idx in enumerate(which):
             shard = self.shards[shard_idx]
-            start = int(rng.integers(0, shard.size - self.block_size - 1))
+            start = int(rng.integers(0, shard.size - self.block_size))  # high is exclusive
             out[row] = shard[start : start + self.block_size + 1]
         return out
 

@@ -8,8 +8,8 @@ and byte fallback would spend a token per line break otherwise.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
@@ -49,30 +49,33 @@ def train_tokenizer(cfg: TokenizerConfig, lines: Iterable[str], out_path: Path) 
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
-        prefix = os.path.join(tmp, "sp")
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=_bounded(lines, cfg.sample_bytes, cfg.max_sentence_bytes),
-            model_prefix=prefix,
-            model_type=cfg.model_type,
-            vocab_size=cfg.vocab_size,
-            character_coverage=cfg.character_coverage,
-            byte_fallback=cfg.byte_fallback,
-            user_defined_symbols=["\n", *cfg.user_symbols],
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            allow_whitespace_only_pieces=True,
-            split_digits=True,
-            unk_id=UNK_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            pad_id=PAD_ID,
-            max_sentence_length=cfg.max_sentence_bytes,
-            num_threads=cfg.num_threads,
-            minloglevel=2,
-        )
-        os.replace(prefix + ".model", out_path)
+    # model_writer, not model_prefix: SentencePiece stores the prefix path inside the model file,
+    # which would make the same training produce different bytes (and a different sha256) each time
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_bounded(lines, cfg.sample_bytes, cfg.max_sentence_bytes),
+        model_writer=model,
+        model_type=cfg.model_type,
+        vocab_size=cfg.vocab_size,
+        character_coverage=cfg.character_coverage,
+        byte_fallback=cfg.byte_fallback,
+        user_defined_symbols=["\n", *cfg.user_symbols],
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=PAD_ID,
+        max_sentence_length=cfg.max_sentence_bytes,
+        num_threads=cfg.num_threads,
+        minloglevel=2,
+    )
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, out_path)
     return out_path
 
 

@@ -1,0 +1,211 @@
+"""Unit tests for lm_core.engine: TrainConfig arithmetic, the DeepSpeed JSON, and the real training loop.
+
+The training tests run DeepSpeed in this process (world size 1, gloo) on a 2-layer model and a
+learnable token stream, several times in one process.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from lm_core.engine import TrainConfig, deepspeed_config, train
+from lm_core.model import GPT, GPTConfig
+from lm_core.shards import ShardWriter, open_split, write_index
+from lm_core.tracking import JsonlTracker, read_history
+
+# --- TrainConfig ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(micro_batch_size=0), "train.micro_batch_size=0 must be >= 1"),
+        (dict(max_steps=0, warmup_steps=0), "train.max_steps=0 must be >= 1"),
+        (dict(keep_checkpoints=0), "train.keep_checkpoints=0 must be >= 1"),
+        (dict(micro_batch_size=3, global_batch_size=8),
+         "train.global_batch_size=8 is not divisible by train.micro_batch_size=3; "
+         "set train.global_batch_size to a multiple of 3"),
+        (dict(zero_stage=4), "train.zero_stage=4 must be one of 0, 1, 2, 3"),
+        (dict(lr=0.0), "train.lr=0.0 must be > 0"),
+        (dict(min_lr_ratio=1.5), "train.min_lr_ratio=1.5 in [0, 1]"),
+        (dict(warmup_steps=20, max_steps=10), "train.warmup_steps=20 must be in [0, train.max_steps=10]"),
+        (dict(warmup_steps=-1), "train.warmup_steps=-1 must be in [0"),
+    ],
+)
+def test_validate_messages(overrides, message):
+    with pytest.raises(ValueError) as err:
+        TrainConfig(**overrides).validate()
+    assert message in str(err.value)
+
+
+def test_defaults_are_valid():
+    TrainConfig().validate()
+
+
+def test_lr_multiplier_warmup_then_cosine():
+    cfg = TrainConfig(warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert cfg.lr_multiplier(0) == pytest.approx(1 / 10)
+    assert cfg.lr_multiplier(4) == pytest.approx(5 / 10)
+    assert cfg.lr_multiplier(9) == pytest.approx(1.0)
+    assert cfg.lr_multiplier(10) == pytest.approx(1.0)
+    assert cfg.lr_multiplier(60) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
+    assert cfg.lr_multiplier(110) == pytest.approx(0.1)
+    assert cfg.lr_multiplier(500) == pytest.approx(0.1)  # clamped past the end
+    values = [cfg.lr_multiplier(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay after warmup
+
+
+def test_lr_multiplier_without_warmup():
+    cfg = TrainConfig(warmup_steps=0, max_steps=10, min_lr_ratio=0.0)
+    assert cfg.lr_multiplier(0) == pytest.approx(1.0)
+    assert cfg.lr_multiplier(10) == pytest.approx(0.0)
+
+
+def test_grad_accum_steps():
+    cfg = TrainConfig(micro_batch_size=4, global_batch_size=16)
+    assert cfg.grad_accum_steps(1) == 4
+    assert cfg.grad_accum_steps(2) == 2
+    assert cfg.grad_accum_steps(4) == 1
+    with pytest.raises(ValueError) as err:
+        cfg.grad_accum_steps(3)
+    assert "train.global_batch_size=16 is not divisible by micro_batch_size*world_size=4*3" in str(err.value)
+    assert "multiple of 12" in str(err.value)
+
+
+def test_deepspeed_config_is_derived():
+    cfg = TrainConfig(micro_batch_size=4, global_batch_size=32, grad_clip=0.5, zero_stage=2)
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == 32
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 4  # 32 / (4 * 2)
+    assert ds["train_batch_size"] == (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2)
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"] == {"stage": 2}
+    with pytest.raises(ValueError, match="multiple of 12"):
+        deepspeed_config(cfg, world_size=3)
+
+
+# --- the training loop --------------------------------------------------------------------------
+
+VOCAB, BLOCK = 64, 32
+MODEL = GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32)
+
+
+def train_config(**overrides) -> TrainConfig:
+    base = dict(micro_batch_size=4, global_batch_size=8, max_steps=40, warmup_steps=4, lr=3e-3, log_every=10,
+                eval_every=20, eval_windows=2, checkpoint_every=20, keep_checkpoints=1, num_threads=1,
+                precision="fp32")
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Documents that count upward mod 60 from a random start: learnable (next = this + 1), never trivial."""
+    out = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    infos = []
+    for split, n_docs in (("train", 200), ("val", 20)):
+        writer = ShardWriter(out, split, tokens_per_shard=3000, vocab_size=VOCAB, bos_id=1, eos_id=2)
+        for _ in range(n_docs):
+            start = int(rng.integers(0, 60))
+            writer.add([4 + (start + j) % 60 for j in range(40)], num_bytes=40)
+        infos += writer.close()
+    write_index(out, infos, "0" * 64, VOCAB)
+    return open_split(out, "train"), open_split(out, "val")
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    # train() sets torch's intra-op thread count for the whole process
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_train(cfg, shards, ckpt, history):
+    tracker = JsonlTracker(history)
+    try:
+        return train(MODEL, cfg, shards[0], shards[1], ckpt, tracker)
+    finally:
+        tracker.close()
+
+
+def metric(history, name):
+    return [(h["step"], h["metrics"][name]) for h in history if name in h.get("metrics", {})]
+
+
+@pytest.mark.slow
+def test_train_learns_logs_and_checkpoints(shards, tmp_path):
+    ckpt, history_path = tmp_path / "ckpt", tmp_path / "history.jsonl"
+    result = run_train(train_config(), shards, ckpt, history_path)
+    history = read_history(history_path)
+
+    losses = metric(history, "train/loss")
+    assert [s for s, _ in losses] == [10, 20, 30, 40]
+    assert losses[-1][1] < losses[0][1] - 0.5
+    assert losses[-1][1] < math.log(VOCAB) - 1.0  # far below the uniform guess
+    lrs = dict(metric(history, "train/lr"))
+    cfg = train_config()
+    # each logged lr is the rate the logged step trained with (step 40 is optimizer step index 39)
+    assert lrs[40] == pytest.approx(cfg.lr * cfg.lr_multiplier(39))
+    assert lrs[10] == pytest.approx(cfg.lr * cfg.lr_multiplier(9))
+    assert all(math.isfinite(v) and v > 0 for _, v in metric(history, "train/grad_norm"))
+    assert all(v > 0 for _, v in metric(history, "train/tokens_per_s"))
+    val = metric(history, "val/loss")
+    assert {s for s, _ in val} == {20, 40}
+    assert val[-1][1] < val[0][1]
+
+    assert result.steps == 40 and result.tokens == 40 * 8 * BLOCK and result.resumed_from_step == 0
+    assert result.final_loss == pytest.approx(losses[-1][1])
+    assert result.final_val_loss == pytest.approx(val[-1][1])
+
+    step_dirs = sorted(p.name for p in ckpt.glob("step*") if p.is_dir())
+    assert step_dirs == ["step00000040"]  # keep_checkpoints=1 removed step 20
+    assert (ckpt / "latest").read_text().strip() == "step00000040"
+
+    model = result.model
+    assert isinstance(model, GPT) and not model.training
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
+    assert model.lm_head.weight is model.wte.weight
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint(shards, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    first = run_train(train_config(max_steps=20, checkpoint_every=0), shards, ckpt, tmp_path / "a.jsonl")
+    assert first.resumed_from_step == 0
+    second = run_train(train_config(max_steps=40), shards, ckpt, tmp_path / "b.jsonl")
+    assert second.resumed_from_step == 20 and second.steps == 40
+    logged = [h["step"] for h in read_history(tmp_path / "b.jsonl") if "train/loss" in h["metrics"]]
+    assert logged == [30, 40]  # only the new steps ran
+    assert sorted(p.name for p in ckpt.glob("step*") if p.is_dir()) == ["step00000040"]
+
+
+@pytest.mark.slow
+def test_resume_is_exact(shards, tmp_path):
+    """Stopping at step 20 and resuming gives the same model as training straight through."""
+    straight = tmp_path / "straight"
+    full = run_train(train_config(keep_checkpoints=2), shards, straight, tmp_path / "full.jsonl")
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(straight / "step00000020", resumed_dir / "step00000020")
+    (resumed_dir / "latest").write_text("step00000020")
+    resumed = run_train(train_config(keep_checkpoints=2), shards, resumed_dir, tmp_path / "resumed.jsonl")
+    assert resumed.resumed_from_step == 20
+    assert resumed.final_loss == pytest.approx(full.final_loss, rel=1e-5)
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_reports_its_loss(shards, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    done = run_train(train_config(max_steps=10, checkpoint_every=0), shards, ckpt, tmp_path / "a.jsonl")
+    again = run_train(train_config(max_steps=10, checkpoint_every=0), shards, ckpt, tmp_path / "b.jsonl")
+    assert again.resumed_from_step == 10
+    assert again.final_loss == pytest.approx(done.final_loss)

@@ -1,0 +1,203 @@
+"""Unit tests for lm_core.shards: writing, the index, verified zero-copy reads, and batch sampling."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lm_core.shards import (
+    INDEX_FILE,
+    RandomWindowBatches,
+    ShardError,
+    ShardWriter,
+    open_split,
+    read_index,
+    sequential_windows,
+    token_dtype,
+    write_index,
+)
+
+BOS, EOS, SHA = 1, 2, "ab" * 32
+
+
+def docs(n: int, length: int, offset: int = 10) -> list[list[int]]:
+    """n documents of distinct ids, so any window can be located in the shards."""
+    return [[offset + d * length + i for i in range(length)] for d in range(n)]
+
+
+def write_split(out, split, documents, tokens_per_shard=10_000, vocab_size=4096):
+    writer = ShardWriter(out, split, tokens_per_shard, vocab_size, BOS, EOS)
+    for ids in documents:
+        writer.add(ids, num_bytes=3 * len(ids))
+    return writer.close()
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    """train: 6 docs of 20 ids in shards of >= 50 tokens; val: 2 docs in one shard."""
+    out = tmp_path / "shards"
+    infos = write_split(out, "train", docs(6, 20), tokens_per_shard=50)
+    infos += write_split(out, "val", docs(2, 20, offset=1000))
+    write_index(out, infos, SHA, 4096)
+    return out
+
+
+def test_token_dtype():
+    assert token_dtype(512) == np.uint16
+    assert token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32
+    assert token_dtype(70000) == np.uint32
+
+
+def test_round_trip_layout_and_dtype(shard_dir):
+    train = open_split(shard_dir, "train", SHA)
+    assert all(a.dtype == np.uint16 for a in train)
+    expected = np.concatenate([[BOS, *ids, EOS] for ids in docs(6, 20)])
+    np.testing.assert_array_equal(np.concatenate(train), expected)
+    val = open_split(shard_dir, "val")
+    np.testing.assert_array_equal(val[0], np.concatenate([[BOS, *ids, EOS] for ids in docs(2, 20, offset=1000)]))
+
+
+def test_small_tokens_per_shard_gives_several_shards(shard_dir):
+    index = read_index(shard_dir)
+    train = [s for s in index["shards"] if s["split"] == "train"]
+    # 22 tokens per doc; a shard is written once it holds >= 50 tokens, so docs are never cut
+    assert [s["file"] for s in train] == ["train_00000.arrow", "train_00001.arrow"]
+    assert [(s["num_tokens"], s["num_docs"], s["num_bytes"]) for s in train] == [(66, 3, 180), (66, 3, 180)]
+    assert sorted(p.name for p in shard_dir.iterdir()) == [INDEX_FILE, "train_00000.arrow", "train_00001.arrow",
+                                                           "val_00000.arrow"]
+
+
+def test_index_totals(shard_dir):
+    index = read_index(shard_dir)
+    assert index["tokenizer_sha256"] == SHA and index["vocab_size"] == 4096 and index["dtype"] == "uint16"
+    assert index["totals"] == {
+        "train": {"num_tokens": 132, "num_docs": 6, "num_bytes": 360, "num_shards": 2},
+        "val": {"num_tokens": 44, "num_docs": 2, "num_bytes": 120, "num_shards": 1},
+    }
+
+
+def test_uint32_for_large_vocab(tmp_path):
+    ids = [65_000, 69_999, 5]
+    infos = write_split(tmp_path, "train", [ids], vocab_size=70_000)
+    write_index(tmp_path, infos, SHA, 70_000)
+    (arr,) = open_split(tmp_path, "train")
+    assert arr.dtype == np.uint32
+    assert arr.tolist() == [BOS, *ids, EOS]
+    assert read_index(tmp_path)["dtype"] == "uint32"
+
+
+def test_reads_are_zero_copy_and_read_only(shard_dir):
+    for arr in open_split(shard_dir, "train"):
+        assert not arr.flags.owndata and arr.base is not None
+        assert not arr.flags.writeable
+        with pytest.raises(ValueError):
+            arr[0] = 7
+
+
+def test_flipped_byte_is_detected(shard_dir):
+    path = shard_dir / "train_00001.arrow"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError) as err:
+        open_split(shard_dir, "train")
+    assert "train_00001.arrow" in str(err.value) and "corrupted" in str(err.value)
+    open_split(shard_dir, "val")  # the other split is untouched
+
+
+def test_truncated_file_is_detected(shard_dir):
+    path = shard_dir / "train_00000.arrow"
+    path.write_bytes(path.read_bytes()[:-16])
+    with pytest.raises(ShardError, match=r"train_00000\.arrow is corrupted or truncated"):
+        open_split(shard_dir, "train")
+
+
+def test_missing_file_is_detected(shard_dir):
+    (shard_dir / "val_00000.arrow").unlink()
+    with pytest.raises(ShardError, match=r"shard file missing: .*val_00000\.arrow"):
+        open_split(shard_dir, "val")
+
+
+def test_token_count_mismatch_is_detected(shard_dir):
+    index = json.loads((shard_dir / INDEX_FILE).read_text())
+    index["shards"][0]["num_tokens"] += 1
+    (shard_dir / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(ShardError, match="holds 66 tokens, manifest says 67"):
+        open_split(shard_dir, "train")
+
+
+def test_tokenizer_mismatch(shard_dir):
+    with pytest.raises(ShardError) as err:
+        open_split(shard_dir, "train", tokenizer_sha256="cd" * 32)
+    assert "re-run the shard stage" in str(err.value)
+    assert SHA[:12] in str(err.value) and ("cd" * 6) in str(err.value)
+
+
+def test_missing_index_and_missing_split(tmp_path, shard_dir):
+    with pytest.raises(ShardError, match="no shard index"):
+        open_split(tmp_path / "empty", "train")
+    with pytest.raises(ShardError, match="split 'test' has no shards"):
+        open_split(shard_dir, "test")
+
+
+def test_random_windows_are_deterministic_and_seeded(shard_dir):
+    shards = open_split(shard_dir, "train")
+    a = RandomWindowBatches(shards, block_size=8, batch_size=5, seed=3)
+    b = RandomWindowBatches(shards, block_size=8, batch_size=5, seed=3)
+    other = RandomWindowBatches(shards, block_size=8, batch_size=5, seed=4)
+    first = a.batch(7)
+    assert first.shape == (5, 9) and first.dtype == np.int64
+    np.testing.assert_array_equal(first, b.batch(7))
+    np.testing.assert_array_equal(a.batch(7), first)  # depends on (seed, step) only, not call history
+    assert not np.array_equal(first, a.batch(8))
+    assert not np.array_equal(first, other.batch(7))
+
+
+def test_random_windows_are_contiguous_slices(shard_dir):
+    shards = open_split(shard_dir, "train")
+    T = 8
+    batches = RandomWindowBatches(shards, block_size=T, batch_size=4, seed=0)
+    views = [np.lib.stride_tricks.sliding_window_view(s, T + 1) for s in shards]
+    drawn = set()
+    for step in range(50):
+        for row in batches.batch(step):
+            hits = [(k, int(i)) for k, v in enumerate(views) for i in np.flatnonzero((v == row).all(axis=1))]
+            assert hits, f"window {row} is not a slice of any shard"
+            drawn.update(k for k, _ in hits)
+    assert drawn == {0, 1}  # both shards get sampled
+
+
+def test_random_windows_skip_short_shards_and_fail_when_none_fit():
+    long, short = np.arange(100, dtype=np.uint16), np.arange(5, dtype=np.uint16)
+    batches = RandomWindowBatches([short, long], block_size=8, batch_size=16, seed=0)
+    assert all(row[0] >= 0 and np.array_equal(np.diff(row), np.ones(8)) for row in batches.batch(0))
+    with pytest.raises(ShardError, match=r"block_size\+1=9"):
+        RandomWindowBatches([short], block_size=8, batch_size=1, seed=0)
+
+
+def test_random_windows_can_reach_the_last_token():
+    shard = np.arange(10, dtype=np.uint16)  # block_size 8: windows may start at 0 or 1
+    batches = RandomWindowBatches([shard], block_size=8, batch_size=8, seed=0)
+    starts = {int(row[0]) for step in range(20) for row in batches.batch(step)}
+    assert starts == {0, 1}
+
+
+def test_sequential_windows_cover_every_token_once():
+    T = 4
+    shards = [np.arange(0, 7, dtype=np.uint16), np.arange(7, 13, dtype=np.uint16)]  # 13 tokens = 3*T + 1
+    windows = list(sequential_windows(shards, T))
+    assert [w.tolist() for w in windows] == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9, 10, 11, 12]]
+    assert all(w.dtype == np.int64 for w in windows)
+    # consecutive windows share exactly one token, and every token after the first is a target once
+    targets = np.concatenate([w[1:] for w in windows])
+    np.testing.assert_array_equal(targets, np.arange(1, 13))
+
+
+def test_sequential_windows_drop_the_partial_tail_and_respect_max_windows():
+    flat = np.arange(12, dtype=np.uint16)  # 2 full windows of T=4 (needs 9 tokens), tail of 3 dropped
+    assert len(list(sequential_windows([flat], 4))) == 2
+    assert len(list(sequential_windows([flat], 4, max_windows=1))) == 1
+    assert list(sequential_windows([flat[:4]], 4)) == []  # shorter than one window
