@@ -108,6 +108,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     model, _ = load_model_dir(model_dir)
     tok = Tokenizer(model_dir / TOKENIZER_FILE)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    sampling.validate()  # before anything is printed
     ids: list[int] = []
     printed = ""
     print(args.prompt, end="", flush=True)
@@ -128,9 +129,18 @@ def _resolve_model(ref: str | None, workspace: Path) -> Path:
 
         import mlflow
 
+        from mlflow.exceptions import MlflowException
+        from mlflow.models import Model
+
         configure_mlflow(Workspace(workspace))
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
-        return local / "artifacts" / "model_dir"
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
+        except MlflowException as exc:
+            raise FileNotFoundError(f"{ref} not found in the registry at {Workspace(workspace).mlflow_uri} "
+                                    f"({exc.message.splitlines()[0]}); check --workspace and the model name") from None
+        # the pyfunc keeps the export under artifacts/<its directory name>; MLmodel says where
+        artifact = Model.load(str(local)).flavors["python_function"]["artifacts"]["model_dir"]["path"]
+        return local / artifact
     if ref:
         return Path(ref)
     latest = workspace / "LATEST_EXPORT"

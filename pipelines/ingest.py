@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipelines import catalog
-from pipelines.config import PipelineConfig
+from pipelines.config import ConfigError, PipelineConfig
 from pipelines.sources import Record, check_source, read_source, source_fingerprint
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
@@ -55,7 +55,7 @@ def run(cfg: PipelineConfig, ws: Workspace, force: bool = False) -> StageResult:
             stored = catalog.scalar(con, "SELECT count(*) FROM documents WHERE snapshot = ?", [snapshot])
             if counts["documents"] == 0:
                 con.rollback()
-                raise ValueError(f"the corpus is empty: no source produced a document ({reasons or 'no records'}); "
+                raise ConfigError(f"the corpus is empty: no source produced a document ({reasons or 'no records'}); "
                                  "check ingest.sources")
             if stored != counts["documents"] or counts["read"] != counts["documents"] + counts["quarantined"]:
                 con.rollback()

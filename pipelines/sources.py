@@ -47,8 +47,17 @@ def check_source(src: SourceConfig) -> None:
     if not files:
         pattern = src.glob if src.kind == "text_dir" else "*.jsonl"
         raise ConfigError(f"ingest source '{src.label}': no files match {pattern} under {path}; the corpus is empty")
-    if all(f.stat().st_size == 0 for f in files):
-        raise ConfigError(f"ingest source '{src.label}': every file under {path} is empty; the corpus is empty")
+    if not any(_has_text(f) for f in files):  # stops at the first file with text
+        raise ConfigError(f"ingest source '{src.label}': every file under {path} is empty or blank; the corpus is empty. "
+                          "Add text files there or point ingest.sources[].path at a directory with text")
+
+
+def _has_text(path: Path) -> bool:
+    with open(path, "rb") as f:
+        while block := f.read(1 << 16):
+            if block.strip():
+                return True
+    return False
 
 
 def source_fingerprint(src: SourceConfig) -> list:
@@ -160,6 +169,9 @@ def _documents(src: SourceConfig, uri: str, data: bytes) -> Iterator[Record]:
         yield Record(src.label, uri, None, "bad_encoding", f"{exc}: {data[max(0, exc.start - 40):exc.start + 40]!r}")
         return
     text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.strip():  # accounted for here, whatever doc_chars is: chunking would yield nothing
+        yield Record(src.label, uri, None, "empty", "")
+        return
     if not src.doc_chars:
         yield Record(src.label, uri, text)
         return

@@ -1,0 +1,53 @@
+"""Shared test setup: an isolated, quiet environment for Prefect and MLflow, and the tiny config.
+
+The environment is set at import time, before any test module imports prefect or mlflow: both read
+these variables once, when they are first imported.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+# PREFECT_HOME holds Prefect's SQLite DB and cached task results; a fresh one per test session keeps
+# results of one session (or of a developer's own runs) from turning into cache hits in another.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="lmforge-test-prefect-")
+atexit.register(shutil.rmtree, _PREFECT_HOME, True)
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+
+for _name, _value in {
+    # the temporary API server needs longer than the default 20 s to start on 2 loaded cores
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # MLflow ignores DO_NOT_TRACK=1; it needs "true" or its own switch
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # 2 shared cores: one thread per process is faster and steadier than two
+    "OMP_NUM_THREADS": "1",
+}.items():
+    os.environ.setdefault(_name, _value)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect API server and database for the whole session (~10 s to start).
+
+    Not autouse: only tests that run flows ask for it, so unit tests never pay for the server.
+    """
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """The tiny pipeline config with its workspace in this test's temp dir."""
+    from pipelines.config import load_config
+
+    return load_config("tiny", [f"workspace={tmp_path / 'ws'}"])
