@@ -2,7 +2,10 @@
 
 A shard directory holds `<split>_<nnnnn>.arrow` files plus `index.json`. Each file is one record
 batch with one column `tokens` (uint16 when the vocab fits, else uint32); documents are laid out as
-[bos, ids..., eos]. Readers memory-map the files (zero copy) after checking size and sha256.
+[bos, ids..., eos] and never cut between shards. The index records per shard its token and document
+counts, the first and last document id it holds, its sha256 and the tokenizer's sha256, plus totals
+per split. Readers memory-map the files (zero copy) after checking size and sha256, and refuse shards
+made with another tokenizer.
 """
 
 from __future__ import annotations
@@ -12,14 +15,17 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+if TYPE_CHECKING:
+    from lm_core.tokenizer import Tokenizer
+
 INDEX_FILE = "index.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-shard doc id range and tokenizer hash
 
 
 class ShardError(RuntimeError):
@@ -34,6 +40,8 @@ class ShardInfo:
     num_docs: int
     num_bytes: int  # UTF-8 bytes of the documents' text, for bits-per-byte bookkeeping
     sha256: str
+    first_doc_id: str | None = None  # documents arrive in doc_id order, so these bound the shard's ids
+    last_doc_id: str | None = None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -53,17 +61,40 @@ class ShardWriter:
         self.shards: list[ShardInfo] = []
         self._parts: list[np.ndarray] = []
         self._tokens = self._docs = self._bytes = 0
+        self._first_doc: str | None = None
+        self._last_doc: str | None = None
 
-    def add(self, ids: list[int], num_bytes: int) -> None:
-        doc = np.empty(len(ids) + 2, dtype=self.dtype)
-        doc[0], doc[-1] = self.bos_id, self.eos_id
-        doc[1:-1] = ids
-        self._parts.append(doc)
-        self._tokens += doc.size
-        self._docs += 1
-        self._bytes += num_bytes
-        if self._tokens >= self.tokens_per_shard:
-            self._flush()
+    def add(self, ids: Sequence[int] | np.ndarray, num_bytes: int, doc_id: str | None = None) -> None:
+        self.add_batch([np.asarray(ids)], [num_bytes], None if doc_id is None else [doc_id])
+
+    def add_batch(self, ids: list[np.ndarray], num_bytes: Sequence[int], doc_ids: Sequence[str] | None = None) -> None:
+        """Append documents (token ids without bos/eos) in order; work is per document, not per token."""
+        if not ids:
+            return
+        lengths = np.fromiter((a.size for a in ids), dtype=np.int64, count=len(ids)) + 2
+        ends = np.cumsum(lengths)  # end of each [bos, ids..., eos] in the batch
+        tokens = np.empty(int(ends[-1]), dtype=self.dtype)
+        body = np.ones(tokens.size, dtype=bool)
+        body[ends - lengths] = body[ends - 1] = False
+        tokens[ends - lengths], tokens[ends - 1] = self.bos_id, self.eos_id
+        tokens[body] = np.concatenate(ids)
+        done = 0  # documents of this batch already placed
+        while done < len(ids):
+            # the first document that brings the open shard to tokens_per_shard closes it
+            filled = self._tokens + ends[done:] - (ends[done - 1] if done else 0)
+            last = done + int(np.searchsorted(filled, self.tokens_per_shard, side="left"))
+            last = min(last, len(ids) - 1)
+            begin = int(ends[done - 1]) if done else 0
+            self._parts.append(tokens[begin : int(ends[last])])
+            self._tokens += int(ends[last]) - begin
+            self._docs += last + 1 - done
+            self._bytes += int(sum(num_bytes[done : last + 1]))
+            if doc_ids is not None:
+                self._first_doc = self._first_doc if self._first_doc is not None else doc_ids[done]
+                self._last_doc = doc_ids[last]
+            done = last + 1
+            if self._tokens >= self.tokens_per_shard:
+                self._flush()
 
     def close(self) -> list[ShardInfo]:
         if self._parts:
@@ -78,8 +109,24 @@ class ShardWriter:
         with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, batch.schema) as writer:
             writer.write_batch(batch)
         os.replace(tmp, self.out_dir / name)
-        self.shards.append(ShardInfo(name, self.split, int(tokens.size), self._docs, self._bytes, file_sha256(self.out_dir / name)))
+        self.shards.append(ShardInfo(name, self.split, int(tokens.size), self._docs, self._bytes,
+                                     file_sha256(self.out_dir / name), self._first_doc, self._last_doc))
         self._parts, self._tokens, self._docs, self._bytes = [], 0, 0, 0
+        self._first_doc = self._last_doc = None
+
+
+def encode_documents(tok: Tokenizer, writer: ShardWriter, batches: Iterable[list[tuple[str, str]]],
+                     num_threads: int) -> None:
+    """Encode batches of (doc_id, text) into the writer, in order.
+
+    SentencePiece encodes each batch on num_threads threads outside the GIL and hands back one numpy
+    array per document, so no Python code runs per token.
+    """
+    for batch in batches:
+        doc_ids = [doc_id for doc_id, _ in batch]
+        texts = [text for _, text in batch]
+        num_bytes = [len(text.encode("utf-8")) for text in texts]
+        writer.add_batch(tok.encode_arrays(texts, num_threads), num_bytes, doc_ids)
 
 
 def write_index(out_dir: Path, shards: list[ShardInfo], tokenizer_sha256: str, vocab_size: int) -> dict:
@@ -88,7 +135,7 @@ def write_index(out_dir: Path, shards: list[ShardInfo], tokenizer_sha256: str, v
         "tokenizer_sha256": tokenizer_sha256,
         "vocab_size": vocab_size,
         "dtype": token_dtype(vocab_size).name,
-        "shards": [asdict(s) for s in shards],
+        "shards": [{**asdict(s), "tokenizer_sha256": tokenizer_sha256} for s in shards],
         "totals": {
             split: {
                 "num_tokens": sum(s.num_tokens for s in shards if s.split == split),
@@ -114,15 +161,23 @@ def file_sha256(path: Path) -> str:
 
 
 def read_index(shard_dir: Path, tokenizer_sha256: str | None = None) -> dict:
+    """The shard index; with tokenizer_sha256, refuse shards whose ids come from another tokenizer."""
     path = Path(shard_dir) / INDEX_FILE
     if not path.is_file():
         raise ShardError(f"no shard index at {path}; run the shard stage first")
     index = json.loads(path.read_text())
-    if tokenizer_sha256 is not None and index["tokenizer_sha256"] != tokenizer_sha256:
-        raise ShardError(
-            f"shards in {shard_dir} were made with tokenizer {index['tokenizer_sha256'][:12]}, "
-            f"not {tokenizer_sha256[:12]}; re-run the shard stage with this tokenizer"
-        )
+    if index.get("format", 1) > FORMAT_VERSION:
+        raise ShardError(f"{path} has shard format {index['format']}, newer than this code reads ({FORMAT_VERSION}); "
+                         "upgrade lmforge or re-run the shard stage")
+    if tokenizer_sha256 is not None:
+        for made_with, where in [(index["tokenizer_sha256"], str(path)),
+                                 *((s.get("tokenizer_sha256", index["tokenizer_sha256"]), s["file"]) for s in index["shards"])]:
+            if made_with != tokenizer_sha256:
+                raise ShardError(
+                    f"shards in {shard_dir} were made with tokenizer {made_with[:12]} ({where}), but this run's "
+                    f"tokenizer is {tokenizer_sha256[:12]}: its ids would mean other pieces; re-run the shard stage "
+                    "with this tokenizer, or use the tokenizer the shards were made with"
+                )
     return index
 
 
@@ -150,32 +205,6 @@ def open_shard(path: Path, sha256: str, num_tokens: int) -> np.ndarray:
     if tokens.size != num_tokens:
         raise ShardError(f"shard {path} holds {tokens.size} tokens, manifest says {num_tokens}; re-run the shard stage")
     return tokens
-
-
-class RandomWindowBatches:
-    """Batches of random (block_size + 1)-token windows; batch `step` depends only on (seed, step).
-
-    That makes resuming exact: start at the step after the last one trained.
-    """
-
-    def __init__(self, shards: list[np.ndarray], block_size: int, batch_size: int, seed: int):
-        usable = [s for s in shards if s.size >= block_size + 1]
-        if not usable:
-            raise ShardError(f"no shard holds block_size+1={block_size + 1} tokens; lower model.block_size or add data")
-        self.shards, self.block_size, self.batch_size, self.seed = usable, block_size, batch_size, seed
-        sizes = np.array([s.size - block_size for s in usable], dtype=np.float64)  # window starts per shard
-        self._weights = sizes / sizes.sum()
-
-    def batch(self, step: int) -> np.ndarray:
-        """(batch_size, block_size + 1) int64 windows for this step."""
-        rng = np.random.default_rng([self.seed, step])
-        which = rng.choice(len(self.shards), size=self.batch_size, p=self._weights)
-        out = np.empty((self.batch_size, self.block_size + 1), dtype=np.int64)
-        for row, shard_idx in enumerate(which):
-            shard = self.shards[shard_idx]
-            start = int(rng.integers(0, shard.size - self.block_size))  # high is exclusive
-            out[row] = shard[start : start + self.block_size + 1]
-        return out
 
 
 def sequential_windows(shards: list[np.ndarray], block_size: int, max_windows: int | None = None) -> Iterator[np.ndarray]:

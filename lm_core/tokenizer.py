@@ -1,8 +1,10 @@
 """SentencePiece BPE tokenizer: training from a text iterator, and a thin typed wrapper.
 
-Ids 0..3 are fixed: unk, bos, eos, pad. Normalization is the identity and extra whitespace is kept,
-so decode(encode(text)) == text; newline is a user symbol because verse and code are line-shaped
-and byte fallback would spend a token per line break otherwise.
+Ids 0..3 are fixed: unk, bos, eos, pad. Normalization is the identity by default and extra whitespace
+is kept, so decode(encode(text)) == text; newline is a user symbol because verse and code are
+line-shaped and byte fallback would spend a token per line break otherwise. Another normalization
+rule (e.g. nfkc) trades that exact round trip for a smaller alphabet: decode then gives the normalized
+text, and bytes-per-token figures count the normalized bytes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class TokenizerConfig:
     model_type: Literal["bpe", "unigram"] = "bpe"
     character_coverage: float = 0.9995
     byte_fallback: bool = True
+    normalization: Literal["identity", "nfkc", "nmt_nfkc", "nfkc_cf", "nmt_nfkc_cf"] = "identity"
     user_symbols: list[str] = field(default_factory=list)
     sample_bytes: int = 20_000_000  # bound on training text: large corpora are sampled, not loaded whole
     max_sentence_bytes: int = 8192  # longer lines are cut before training
@@ -60,7 +63,7 @@ def train_tokenizer(cfg: TokenizerConfig, lines: Iterable[str], out_path: Path) 
         character_coverage=cfg.character_coverage,
         byte_fallback=cfg.byte_fallback,
         user_defined_symbols=["\n", *cfg.user_symbols],
-        normalization_rule_name="identity",
+        normalization_rule_name=cfg.normalization,
         remove_extra_whitespaces=False,
         add_dummy_prefix=False,
         allow_whitespace_only_pieces=True,
@@ -116,11 +119,19 @@ class Tokenizer:
         # sentencepiece releases the GIL and splits the batch over its own threads
         return self._sp.encode(texts, num_threads=num_threads)
 
+    def encode_arrays(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
+        """Like encode_batch, but one int32 array per text: no Python int is made per token."""
+        return self._sp.encode(texts, num_threads=num_threads, out_type="numpy")
+
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(list(map(int, ids)))
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(token_id)
+
+    def byte_pieces(self) -> np.ndarray:
+        """(vocab_size,) bool: which ids are byte-fallback pieces like <0xE6>."""
+        return np.array([self._sp.is_byte(i) for i in range(self.vocab_size)], dtype=bool)
 
     def token_bytes(self) -> np.ndarray:
         """UTF-8 byte length of each token's text, 0 for control tokens: (vocab_size,) int32.

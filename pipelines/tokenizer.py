@@ -29,13 +29,20 @@ def run(cfg: PipelineConfig, ws: Workspace, split: StageResult, force: bool = Fa
             train_tokenizer(cfg.tokenizer, lines, out / MODEL_FILE)
             train_s = time.perf_counter() - started
             tok = Tokenizer(out / MODEL_FILE)
-            n_bytes = n_tokens = 0
+            byte_piece = tok.byte_pieces()
+            n_bytes = n_tokens = n_byte_tokens = 0
             for batch in catalog.split_texts(con, split.key, "val"):
                 texts = [text for _, text in batch]
                 n_bytes += sum(len(t.encode("utf-8")) for t in texts)
-                n_tokens += sum(len(ids) for ids in tok.encode_batch(texts, cfg.tokenizer.num_threads))
+                for ids in tok.encode_arrays(texts, cfg.tokenizer.num_threads):
+                    n_tokens += ids.size
+                    n_byte_tokens += int(byte_piece[ids].sum())
+        # numeric metrics reach MLflow through the register stage (as tokenizer.<name>)
         return {"vocab_size": tok.vocab_size, "sha256": tok.sha256, "train_seconds": round(train_s, 3),
-                "val_bytes_per_token": n_bytes / max(1, n_tokens)}
+                "val_bytes": n_bytes, "val_tokens": n_tokens,
+                "val_bytes_per_token": n_bytes / max(1, n_tokens),
+                # share of val tokens that are raw bytes: high means the vocabulary misses the val text
+                "val_byte_fallback_share": n_byte_tokens / max(1, n_tokens)}
 
     return run_stage(ws, STAGE, key(cfg, split), build, force)
 

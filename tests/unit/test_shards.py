@@ -1,4 +1,4 @@
-"""Unit tests for lm_core.shards: writing, the index, verified zero-copy reads, and batch sampling."""
+"""Unit tests for lm_core.shards: writing, the index, verified zero-copy reads, and evaluation windows."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 
 from lm_core.shards import (
     INDEX_FILE,
-    RandomWindowBatches,
     ShardError,
     ShardWriter,
     open_split,
@@ -29,8 +28,8 @@ def docs(n: int, length: int, offset: int = 10) -> list[list[int]]:
 
 def write_split(out, split, documents, tokens_per_shard=10_000, vocab_size=4096):
     writer = ShardWriter(out, split, tokens_per_shard, vocab_size, BOS, EOS)
-    for ids in documents:
-        writer.add(ids, num_bytes=3 * len(ids))
+    for d, ids in enumerate(documents):
+        writer.add(ids, num_bytes=3 * len(ids), doc_id=f"{split}-{d:03d}")
     return writer.close()
 
 
@@ -68,6 +67,34 @@ def test_small_tokens_per_shard_gives_several_shards(shard_dir):
     assert [(s["num_tokens"], s["num_docs"], s["num_bytes"]) for s in train] == [(66, 3, 180), (66, 3, 180)]
     assert sorted(p.name for p in shard_dir.iterdir()) == [INDEX_FILE, "train_00000.arrow", "train_00001.arrow",
                                                            "val_00000.arrow"]
+
+
+def test_index_records_doc_id_range_and_tokenizer_per_shard(shard_dir):
+    shards = read_index(shard_dir)["shards"]
+    assert [(s["file"], s["first_doc_id"], s["last_doc_id"]) for s in shards] == [
+        ("train_00000.arrow", "train-000", "train-002"),
+        ("train_00001.arrow", "train-003", "train-005"),
+        ("val_00000.arrow", "val-000", "val-001"),
+    ]
+    assert all(s["tokenizer_sha256"] == SHA for s in shards)
+    assert read_index(shard_dir)["format"] == 2
+
+
+@pytest.mark.parametrize("batch_docs", [1, 2, 5, 64])
+def test_add_batch_lays_out_shards_like_adding_one_by_one(tmp_path, batch_docs):
+    rng = np.random.default_rng(0)
+    documents = [rng.integers(4, 500, size=int(n)).astype(np.int32) for n in rng.integers(0, 40, size=37)]
+    one = write_split(tmp_path / "one", "train", [d.tolist() for d in documents], tokens_per_shard=100)
+    writer = ShardWriter(tmp_path / "batched", "train", 100, 4096, BOS, EOS)
+    for i in range(0, len(documents), batch_docs):
+        chunk = documents[i : i + batch_docs]
+        writer.add_batch(chunk, [3 * d.size for d in chunk], [f"train-{d:03d}" for d in range(i, i + len(chunk))])
+    batched = writer.close()
+    assert len(one) > 3
+    assert batched == one  # same files, counts, doc id ranges and checksums
+    write_index(tmp_path / "batched", batched, SHA, 4096)
+    flat = np.concatenate(open_split(tmp_path / "batched", "train"))
+    np.testing.assert_array_equal(flat, np.concatenate([[BOS, *d, EOS] for d in documents]))
 
 
 def test_index_totals(shard_dir):
@@ -136,53 +163,27 @@ def test_tokenizer_mismatch(shard_dir):
     assert SHA[:12] in str(err.value) and ("cd" * 6) in str(err.value)
 
 
+def test_a_shard_from_another_tokenizer_is_named(shard_dir):
+    index = json.loads((shard_dir / INDEX_FILE).read_text())
+    index["shards"][1]["tokenizer_sha256"] = "cd" * 32  # a shard slipped in from another run
+    (shard_dir / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(ShardError, match=r"made with tokenizer cdcdcdcdcdcd \(train_00001\.arrow\)"):
+        open_split(shard_dir, "val", SHA)
+
+
+def test_a_newer_format_is_refused(shard_dir):
+    index = json.loads((shard_dir / INDEX_FILE).read_text())
+    index["format"] = 99
+    (shard_dir / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(ShardError, match="shard format 99, newer than this code reads"):
+        read_index(shard_dir)
+
+
 def test_missing_index_and_missing_split(tmp_path, shard_dir):
     with pytest.raises(ShardError, match="no shard index"):
         open_split(tmp_path / "empty", "train")
     with pytest.raises(ShardError, match="split 'test' has no shards"):
         open_split(shard_dir, "test")
-
-
-def test_random_windows_are_deterministic_and_seeded(shard_dir):
-    shards = open_split(shard_dir, "train")
-    a = RandomWindowBatches(shards, block_size=8, batch_size=5, seed=3)
-    b = RandomWindowBatches(shards, block_size=8, batch_size=5, seed=3)
-    other = RandomWindowBatches(shards, block_size=8, batch_size=5, seed=4)
-    first = a.batch(7)
-    assert first.shape == (5, 9) and first.dtype == np.int64
-    np.testing.assert_array_equal(first, b.batch(7))
-    np.testing.assert_array_equal(a.batch(7), first)  # depends on (seed, step) only, not call history
-    assert not np.array_equal(first, a.batch(8))
-    assert not np.array_equal(first, other.batch(7))
-
-
-def test_random_windows_are_contiguous_slices(shard_dir):
-    shards = open_split(shard_dir, "train")
-    T = 8
-    batches = RandomWindowBatches(shards, block_size=T, batch_size=4, seed=0)
-    views = [np.lib.stride_tricks.sliding_window_view(s, T + 1) for s in shards]
-    drawn = set()
-    for step in range(50):
-        for row in batches.batch(step):
-            hits = [(k, int(i)) for k, v in enumerate(views) for i in np.flatnonzero((v == row).all(axis=1))]
-            assert hits, f"window {row} is not a slice of any shard"
-            drawn.update(k for k, _ in hits)
-    assert drawn == {0, 1}  # both shards get sampled
-
-
-def test_random_windows_skip_short_shards_and_fail_when_none_fit():
-    long, short = np.arange(100, dtype=np.uint16), np.arange(5, dtype=np.uint16)
-    batches = RandomWindowBatches([short, long], block_size=8, batch_size=16, seed=0)
-    assert all(row[0] >= 0 and np.array_equal(np.diff(row), np.ones(8)) for row in batches.batch(0))
-    with pytest.raises(ShardError, match=r"block_size\+1=9"):
-        RandomWindowBatches([short], block_size=8, batch_size=1, seed=0)
-
-
-def test_random_windows_can_reach_the_last_token():
-    shard = np.arange(10, dtype=np.uint16)  # block_size 8: windows may start at 0 or 1
-    batches = RandomWindowBatches([shard], block_size=8, batch_size=8, seed=0)
-    starts = {int(row[0]) for step in range(20) for row in batches.batch(step)}
-    assert starts == {0, 1}
 
 
 def test_sequential_windows_cover_every_token_once():

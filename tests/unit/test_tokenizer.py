@@ -6,6 +6,7 @@ import hashlib
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lm_core.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, TokenizerConfig, train_tokenizer
@@ -98,6 +99,33 @@ def test_token_bytes_table(tok):
 
 def test_encode_batch_matches_encode(tok):
     assert tok.encode_batch(SAMPLES, num_threads=2) == [tok.encode(t) for t in SAMPLES]
+
+
+def test_encode_arrays_match_encode(tok):
+    arrays = tok.encode_arrays(SAMPLES, num_threads=2)
+    assert all(a.dtype == np.int32 for a in arrays)
+    assert [a.tolist() for a in arrays] == [tok.encode(t) for t in SAMPLES]
+
+
+def test_byte_pieces(tok):
+    mask = tok.byte_pieces()
+    assert mask.shape == (VOCAB,) and mask.sum() == 256  # one piece per byte value
+    assert mask[tok.encode("漢")].all()
+    assert not mask[tok.encode("def return")].any()
+
+
+def test_normalization_rule_is_configurable(tmp_path, tok):
+    nfkc = Tokenizer(train(tmp_path / "nfkc.model", normalization="nfkc"))
+    assert nfkc.decode(nfkc.encode("ﬁle ①")) == "file 1"  # ligature and circled digit folded
+    assert tok.decode(tok.encode("ﬁle ①")) == "ﬁle ①"  # identity keeps them, via byte fallback
+    with pytest.raises(ValueError, match="normalization='lowercase' is not allowed"):
+        build(TokenizerConfig, {"normalization": "lowercase"})
+
+
+def test_unigram_model_type(tmp_path):
+    uni = Tokenizer(train(tmp_path / "uni.model", model_type="unigram"))
+    text = "def f(x):\n    return x + 1\n"
+    assert uni.decode(uni.encode(text)) == text and uni.vocab_size == VOCAB
 
 
 def test_sha256_is_the_file_hash(tok, model_path):
