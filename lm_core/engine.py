@@ -4,27 +4,44 @@ World size 1 runs in-process (gloo, no launcher); N ranks come from DeepSpeed's 
 which set RANK/WORLD_SIZE. The DeepSpeed JSON is derived from TrainConfig, so batch sizes, lr and
 clipping live in one place. Mixed precision is torch.autocast(bf16) over fp32 master weights, which
 works the same on CPU (AMX) and GPU.
+
+Stability (lm_core.stability): every optimizer step is judged from its loss and pre-clip grad norm
+before the update is applied. A spike drops the update (the AdamW we hand DeepSpeed is gated, so ZeRO
+still does its bookkeeping but the weights and moments stay put); a NaN/Inf or a run of spikes reloads
+the last good checkpoint and skips the offending data windows. Checkpoints are written to a temporary
+tag and renamed into place, and SIGTERM/SIGINT finish the current step, checkpoint, and stop.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib
+import json
 import logging
 import math
 import os
+import resource
 import shutil
+import signal
 import socket
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
 import torch
 
+from lm_core.loader import TokenLoader
 from lm_core.model import GPT, GPTConfig
-from lm_core.shards import RandomWindowBatches, sequential_windows
+from lm_core.shards import sequential_windows
+from lm_core.stability import EventLog, FaultInjector, SpikeDetector, StabilityConfig, TrainingDiverged
 from lm_core.tracking import Tracker
+
+EVENTS_FILE = "events.jsonl"  # next to the checkpoints, so a resumed run appends to the same log
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,22 +50,27 @@ class TrainConfig:
     global_batch_size: int = 16  # sequences per optimizer step; accumulation = global / (micro * world)
     max_steps: int = 1000  # optimizer steps
     lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     warmup_steps: int = 50
+    schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warmup, constant, then linear decay
+    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps that decays
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     precision: Literal["fp32", "bf16"] = "bf16"
     zero_stage: int = 1
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    compile: bool = False  # torch.compile the forward; falls back to eager if compiling fails
     seed: int = 1337
     log_every: int = 10
     eval_every: int = 0  # validation loss every N steps (0: only at the end)
     eval_windows: int = 16
-    checkpoint_every: int = 0  # 0: only the final checkpoint
+    checkpoint_every: int = 0  # 0: only the final checkpoint (and one on SIGTERM/SIGINT)
     keep_checkpoints: int = 2
     num_threads: int = 0  # torch intra-op threads; 0 leaves torch's default
-    peak_tflops: float = 0.0  # for MFU; 0 skips it
+    peak_tflops: float = 0.0  # for MFU; 0 skips it, < 0 measures a matmul peak at start
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
 
     def validate(self) -> None:
         for key in ("micro_batch_size", "global_batch_size", "max_steps", "log_every", "eval_windows", "keep_checkpoints"):
@@ -65,6 +87,11 @@ class TrainConfig:
             raise ValueError(f"train.lr={self.lr} must be > 0 and train.min_lr_ratio={self.min_lr_ratio} in [0, 1]")
         if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
             raise ValueError(f"train.warmup_steps={self.warmup_steps} must be in [0, train.max_steps={self.max_steps}]")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"train.schedule={self.schedule!r} is not supported; set train.schedule to cosine or wsd")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ValueError(f"train.decay_fraction={self.decay_fraction} must be in [0, 1]")
+        self.stability.validate()
 
     def grad_accum_steps(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
@@ -76,9 +103,17 @@ class TrainConfig:
         return self.global_batch_size // per_step
 
     def lr_multiplier(self, step: int) -> float:
-        """Linear warmup then cosine decay to min_lr_ratio; `step` counts optimizer steps from 0."""
+        """Linear warmup, then cosine decay (or wsd: constant, then linear decay over the last decay_fraction)
+        to min_lr_ratio; `step` counts optimizer steps from 0."""
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
+        if self.schedule == "wsd":
+            decay_steps = max(1, round(self.decay_fraction * self.max_steps))
+            decay_start = max(self.warmup_steps, self.max_steps - decay_steps)
+            if step < decay_start:
+                return 1.0
+            progress = min(1.0, (step - decay_start) / max(1, self.max_steps - decay_start))
+            return 1.0 - (1.0 - self.min_lr_ratio) * progress
         progress = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
         cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine
@@ -99,6 +134,11 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     }
 
 
+def config_hash(model_cfg: GPTConfig, cfg: TrainConfig) -> str:
+    data = {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 @dataclass
 class TrainResult:
     model: GPT  # unwrapped, fp32, full (consolidated) weights
@@ -108,6 +148,29 @@ class TrainResult:
     final_val_loss: float | None
     wall_s: float
     resumed_from_step: int
+    events: list[dict] = field(default_factory=list)  # stability and interruption events of this call
+    skipped_steps: int = 0  # updates dropped as spikes
+    rollbacks: int = 0
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT stopped training after a checkpoint was written; rerunning resumes from it."""
+
+
+class GatedAdamW(torch.optim.AdamW):
+    """AdamW whose update can be vetoed for one optimizer step.
+
+    DeepSpeed (ZeRO 0-3) calls this optimizer's step() on the fp32 master weights after it has reduced and
+    clipped the gradients; while `skip_update` is set the call does nothing, so weights and Adam moments
+    keep their values and DeepSpeed still clears the gradients and advances its counters and the schedule.
+    """
+
+    skip_update = False
+
+    def step(self, closure=None):
+        if self.skip_update:
+            return None
+        return super().step(closure)
 
 
 def init_distributed() -> int:
@@ -139,12 +202,15 @@ def train(
     world_size = init_distributed()
     rank = int(os.environ["RANK"])
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+    checkpoint_dir = Path(checkpoint_dir)
+    events = EventLog(checkpoint_dir / EVENTS_FILE)
 
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg)
+    model.activation_checkpointing = cfg.activation_checkpointing
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
+    optimizer = GatedAdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
@@ -153,69 +219,386 @@ def train(
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
     )
-
-    checkpoint_dir = Path(checkpoint_dir)
-    start_step, loss_value = 0, float("nan")
-    if (checkpoint_dir / "latest").is_file():
-        _, client_state = engine.load_checkpoint(str(checkpoint_dir))
-        start_step = int(client_state["step"])
-        loss_value = float(client_state.get("loss", float("nan")))
+    if cfg.compile:
+        _compile_forward(engine.module, model_cfg, device, events if rank == 0 else None)
 
     accum = cfg.grad_accum_steps(world_size)
-    # each rank draws its own micro-batches: the seed mixes in the rank so ranks see different windows
-    batches = RandomWindowBatches(train_shards, model_cfg.block_size, cfg.micro_batch_size, seed=cfg.seed * 1000 + rank)
+    # one seeded order of windows per epoch, split between the ranks (disjoint); resumable via state_dict
+    loader = TokenLoader(train_shards, model_cfg.block_size, cfg.micro_batch_size, seed=cfg.seed,
+                         rank=rank, world_size=world_size)
+    run = _RunState()
+    if rank == 0 and checkpoint_dir.is_dir():
+        for stale in checkpoint_dir.glob(".tmp-*"):  # a save that a kill interrupted
+            shutil.rmtree(stale, ignore_errors=True)
+    detector = SpikeDetector(cfg.stability)
+    faults = FaultInjector(cfg.stability)
+    if (tag := _latest_tag(checkpoint_dir)) is not None:
+        run.restore(_load_checkpoint(engine, checkpoint_dir, tag), loader, detector)
+    start_step = run.step
+
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     tokens_per_step = cfg.global_batch_size * model_cfg.block_size
     flops_per_token = model_cfg.flops_per_token()
+    peak_tflops = cfg.peak_tflops if cfg.peak_tflops >= 0 else measure_matmul_tflops(cfg.precision, device)
+    gated = cfg.stability.enabled
+    hash_ = config_hash(model_cfg, cfg)
 
+    def save(step_done: int) -> None:
+        _save_checkpoint(engine, checkpoint_dir, step_done, run.client_state(step_done, tokens_per_step, loader, detector, hash_),
+                         cfg.keep_checkpoints, rank, world_size)
+
+    def event(step: int, kind: str, action: str, **kw) -> None:
+        if rank != 0:
+            return
+        record = events.write(step, kind, action, **kw)
+        measured = f"{kw['metric']} {kw['value']:.4g} > {kw['threshold']:.4g} " if kw.get("metric") else ""
+        log.warning("training event at step %d: %s -> %s %s%s", step, kind, action, measured, kw.get("detail", ""))
+        tracker.log_text("stability/events", json.dumps(record), step)
+        value = kw.get("value")
+        tracker.log_metrics({f"stability/{kind}": value if isinstance(value, float) and math.isfinite(value) else 1.0}, step)
+
+    stop = _SignalFlag()
     started = time.perf_counter()
     window_start, window_tokens = time.perf_counter(), 0
     val_loss = None
     engine.train()
-    for step in range(start_step, cfg.max_steps):
-        step_loss = 0.0
-        step_lr = scheduler.get_last_lr()[0]  # the rate this step uses; the scheduler advances inside engine.step()
-        for micro in range(accum):
-            window = torch.from_numpy(batches.batch(step * accum + micro)).to(device)
-            with autocast:
-                _, loss = engine(window[:, :-1], window[:, 1:])
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.item() / accum
-        loss_value = step_loss
-        window_tokens += tokens_per_step
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
-            elapsed = time.perf_counter() - window_start
-            grad_norm = engine.get_global_grad_norm()
-            metrics = {
-                "train/loss": loss_value,
-                "train/lr": step_lr,
-                "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "train/tokens_per_s": window_tokens / elapsed,
-                "train/step_s": elapsed / max(1, window_tokens // tokens_per_step),
-            }
-            if cfg.peak_tflops > 0:
-                metrics["train/mfu"] = metrics["train/tokens_per_s"] * flops_per_token / (cfg.peak_tflops * 1e12)
-            if val_shards is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
-                val_loss = evaluate_loss(engine.module, val_shards, model_cfg.block_size, cfg.eval_windows, cfg.precision)
-                metrics["val/loss"] = val_loss
-            if rank == 0:
-                tracker.log_metrics(metrics, done)
-                if progress:
-                    progress({"step": done, "max_steps": cfg.max_steps, **metrics})
-            window_start, window_tokens = time.perf_counter(), 0
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
-            _save_checkpoint(engine, checkpoint_dir, done, done * tokens_per_step, loss_value, cfg.keep_checkpoints)
+    try:
+        stop.install()
+        while run.step < cfg.max_steps:
+            step = run.step
+            injected = faults.take(step)
+            window = run.next_window(loader, accum)
+            done = step + 1
+            measure_update = (done % cfg.log_every == 0 or done == cfg.max_steps) and cfg.zero_stage < 3
+            step_loss, grad_norm, verdict, update_ratio = 0.0, None, None, None
+            lr_before = [g["lr"] for g in optimizer.param_groups]
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step uses; the scheduler advances in engine.step()
+            for micro in range(accum):
+                batch = next(loader)
+                if "corrupt_batch" in injected:
+                    batch = FaultInjector.corrupt(batch, model_cfg.vocab_size, seed=step * accum + micro)
+                tokens = torch.from_numpy(batch).to(device)
+                with autocast:
+                    _, loss = engine(tokens[:, :-1], tokens[:, 1:])
+                if "nan" in injected:
+                    loss = loss * float("nan")
+                engine.backward(loss)
+                step_loss += loss.item() / accum
+                if micro == accum - 1:  # the boundary: gradients are reduced, the update not yet applied
+                    if gated:
+                        step_loss = _mean_over_ranks(step_loss, world_size)
+                        grad_norm = _grad_norm_before_step(engine, cfg.zero_stage)
+                        verdict = detector.check(step_loss, grad_norm)
+                        optimizer.skip_update = verdict.action != "ok"
+                    if "lr_spike" in injected:
+                        for g in optimizer.param_groups:
+                            g["lr"] *= faults.lr_factor
+                    before = [p.detach().clone() for p in engine.module.parameters()] if measure_update else None
+                engine.step()
+                if micro == accum - 1:
+                    optimizer.skip_update = False
+                    if "lr_spike" in injected:  # only when the scheduler did not already reset it
+                        for g, lr in zip(optimizer.param_groups, lr_before):
+                            if g["lr"] == lr * faults.lr_factor:
+                                g["lr"] = lr
+                    if before is not None:
+                        update_ratio = _update_ratio(before, list(engine.module.parameters()))
+            if injected:
+                event(step + 1, "injected_fault", "none", window=window, detail=",".join(injected))
 
-    _save_checkpoint(engine, checkpoint_dir, cfg.max_steps, cfg.max_steps * tokens_per_step, loss_value, cfg.keep_checkpoints)
+            if verdict is not None and verdict.action == "rollback":
+                spike_info = dict(metric=verdict.metric, value=verdict.value, threshold=verdict.threshold, window=window,
+                                  doc_ids=_doc_ids(loader, window))
+                if verdict.reason == "persistent_spike" and _latest_tag(checkpoint_dir) is None:
+                    # nothing to roll back to: a shift that lasts is taken as the new normal (the update was dropped)
+                    detector.rebaseline()
+                    run.skipped_steps += 1
+                    run.spike_windows.clear()
+                    event(done, verdict.reason, "rebaseline", detail="no checkpoint to roll back to yet", **spike_info)
+                else:
+                    event(done, verdict.reason, "rollback", **spike_info)
+                    _rollback(engine, checkpoint_dir, run, loader, detector, cfg.stability.max_rollbacks, done, event)
+                    continue
+            elif verdict is not None and verdict.action == "skip":
+                run.skipped_steps += 1
+                run.spike_windows.append(window)
+                event(done, verdict.reason, "skip_update", metric=verdict.metric, value=verdict.value,
+                      threshold=verdict.threshold, window=window, doc_ids=_doc_ids(loader, window))
+            else:
+                run.spike_windows.clear()
+                run.loss = step_loss
+            run.step = done
+            window_tokens += tokens_per_step
+            if done % cfg.log_every == 0 or done == cfg.max_steps:
+                elapsed = time.perf_counter() - window_start
+                if grad_norm is None:
+                    grad_norm = engine.get_global_grad_norm()
+                metrics = {
+                    "train/loss": step_loss,
+                    "train/lr": step_lr,
+                    "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "train/tokens_per_s": window_tokens / elapsed,
+                    "train/step_s": elapsed / max(1, window_tokens // tokens_per_step),
+                    **_memory_metrics(device),
+                }
+                if update_ratio is not None:
+                    metrics["train/update_ratio"] = update_ratio
+                if peak_tflops > 0:
+                    metrics["train/mfu"] = metrics["train/tokens_per_s"] * flops_per_token / (peak_tflops * 1e12)
+                if val_shards is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
+                    val_loss = evaluate_loss(engine.module, val_shards, model_cfg.block_size, cfg.eval_windows, cfg.precision)
+                    metrics["val/loss"] = val_loss
+                if rank == 0:
+                    tracker.log_metrics(metrics, done)
+                    if progress:
+                        progress({"step": done, "max_steps": cfg.max_steps, **metrics})
+                window_start, window_tokens = time.perf_counter(), 0
+            # a checkpoint inside a run of spikes would not be a good one to roll back to
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps and not run.spike_windows:
+                save(done)
+            if stop.requested(world_size):
+                save(done)
+                event(done, "interrupted", "checkpoint", detail=stop.name)
+                raise TrainingInterrupted(f"training stopped by {stop.name} after step {done}; the checkpoint in "
+                                          f"{checkpoint_dir} resumes it: rerun the same command")
+    finally:
+        stop.uninstall()
+
+    if _latest_tag(checkpoint_dir) != _tag(cfg.max_steps):
+        save(cfg.max_steps)
     if val_shards is not None:
         val_loss = evaluate_loss(engine.module, val_shards, model_cfg.block_size, cfg.eval_windows, cfg.precision)
         if rank == 0:
             tracker.log_metrics({"val/loss": val_loss}, cfg.max_steps)
     final = _consolidated_model(engine, model_cfg, cfg, checkpoint_dir)
-    return TrainResult(final, cfg.max_steps, cfg.max_steps * tokens_per_step, loss_value, val_loss,
-                       time.perf_counter() - started, start_step)
+    return TrainResult(final, cfg.max_steps, cfg.max_steps * tokens_per_step, run.loss, val_loss,
+                       time.perf_counter() - started, start_step, events.events, run.skipped_steps, run.rollbacks)
+
+
+@dataclass
+class _RunState:
+    """What a checkpoint must carry besides weights and optimizer: where training and data stand."""
+
+    step: int = 0
+    loss: float = float("nan")
+    cursor: int = 0  # optimizer-step windows drawn from the loader so far (skipped ones included)
+    skipped_windows: set[int] = field(default_factory=set)  # windows a rollback excluded for good
+    spike_windows: list[int] = field(default_factory=list)  # windows of the current run of spikes
+    skipped_steps: int = 0
+    rollbacks: int = 0
+
+    def next_window(self, loader, accum: int) -> int:
+        """Advance past excluded windows (drawing and dropping their micro-batches); return this step's window."""
+        while self.cursor in self.skipped_windows:
+            for _ in range(accum):
+                next(loader)
+            self.cursor += 1
+        self.cursor += 1
+        return self.cursor - 1
+
+    def client_state(self, step: int, tokens_per_step: int, loader, detector: SpikeDetector, hash_: str) -> dict:
+        return {"step": step, "tokens": step * tokens_per_step, "loss": self.loss, "cursor": self.cursor,
+                "skipped_windows": sorted(self.skipped_windows), "skipped_steps": self.skipped_steps,
+                "rollbacks": self.rollbacks, "loader": loader.state_dict(), "detector": detector.state_dict(),
+                "rng": _rng_state(), "config_hash": hash_}
+
+    def restore(self, state: dict, loader, detector: SpikeDetector) -> None:
+        self.step = int(state["step"])
+        self.loss = float(state.get("loss", float("nan")))
+        self.cursor = int(state.get("cursor", self.step))
+        self.skipped_windows |= set(state.get("skipped_windows", []))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.rollbacks = max(self.rollbacks, int(state.get("rollbacks", 0)))
+        self.spike_windows.clear()
+        if "loader" in state:
+            loader.load_state_dict(state["loader"])
+        if "detector" in state:
+            detector.load_state_dict(state["detector"])
+        if "rng" in state:
+            _set_rng_state(state["rng"])
+
+
+def _rollback(engine, checkpoint_dir: Path, run: _RunState, loader, detector, max_rollbacks: int, step: int, event) -> None:
+    offending = run.spike_windows + [run.cursor - 1]
+    tag = _latest_tag(checkpoint_dir)
+    if tag is None:
+        event(step, "diverged", "stop", detail="no checkpoint to roll back to")
+        raise TrainingDiverged(f"step {step} needs a rollback but no checkpoint exists in {checkpoint_dir}; "
+                               "set train.checkpoint_every so a good checkpoint is there to roll back to")
+    run.rollbacks += 1
+    if run.rollbacks > max_rollbacks:
+        event(step, "diverged", "stop", detail=f"{run.rollbacks} rollbacks > train.stability.max_rollbacks")
+        raise TrainingDiverged(f"training keeps spiking: step {step} would be rollback {run.rollbacks}, more than "
+                               f"train.stability.max_rollbacks={max_rollbacks}; see {checkpoint_dir / EVENTS_FILE}, "
+                               "then lower train.lr, raise train.warmup_steps or train.stability.max_rollbacks")
+    rollbacks, skipped = run.rollbacks, run.skipped_steps
+    run.restore(_load_checkpoint(engine, checkpoint_dir, tag), loader, detector)
+    run.rollbacks, run.skipped_steps = rollbacks, skipped
+    run.skipped_windows.update(offending)
+    event(step, "rollback", "resume", detail=f"to {tag}; skipping windows {offending}")
+
+
+def _grad_norm_before_step(engine, zero_stage: int) -> float | None:
+    """The global pre-clip gradient norm at the accumulation boundary, before the optimizer steps."""
+    if zero_stage == 0:
+        grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else None
+    if zero_stage in (1, 2):  # reduced into this rank's partition; the norm helper all-reduces
+        return float(engine.optimizer.scaled_global_norm())
+    return None  # ZeRO-3 gathers its norm inside step(); the loss alone is judged
+
+
+def _mean_over_ranks(value: float, world_size: int) -> float:
+    if world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t[0]) / world_size
+
+
+def _update_ratio(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
+    """||theta_new - theta_old|| / ||theta_old|| over all parameters: how big a step the optimizer took."""
+    num = sum(float((a.detach() - b).float().pow(2).sum()) for a, b in zip(after, before))
+    den = sum(float(b.float().pow(2).sum()) for b in before)
+    return math.sqrt(num) / max(math.sqrt(den), 1e-12)
+
+
+def _memory_metrics(device: torch.device) -> dict[str, float]:
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    out = {"memory/peak_rss_mb": peak_kib / 1024}
+    try:
+        with open("/proc/self/statm") as f:
+            out["memory/rss_mb"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        pass
+    if device.type == "cuda":
+        out["memory/gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def measure_matmul_tflops(precision: str, device: torch.device | str = "cpu", n: int = 1024, seconds: float = 0.5) -> float:
+    """Achieved TFLOP/s of square matmuls in this precision: the peak that MFU is measured against."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up (kernel selection, AMX tile setup)
+    rates = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(rates) < 3:
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e12)
+    return float(np.percentile(rates, 90))
+
+
+def _compile_forward(model: GPT, model_cfg: GPTConfig, device: torch.device, events: EventLog | None) -> None:
+    """Compile the forward in place (the module and its state_dict keys stay the same); eager on failure."""
+    eager = model.forward
+    try:
+        model.forward = torch.compile(eager)
+        probe = torch.zeros(1, min(8, model_cfg.block_size), dtype=torch.long, device=device)
+        model(probe, probe)  # compile now, so a failure falls back here rather than mid-run
+    except Exception as exc:  # noqa: BLE001 - any backend failure means: run eager
+        model.forward = eager
+        log.warning("torch.compile failed (%s); training runs eager", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        if events is not None:
+            events.write(0, "compile_fallback", "eager", detail=type(exc).__name__)
+
+
+def _doc_ids(loader, window: int) -> list:
+    """Document ids of a window's samples, when the loader can name them (TokenLoader does not yet)."""
+    describe = getattr(loader, "doc_ids", None)
+    return list(describe(window)) if callable(describe) else []
+
+
+class _SignalFlag:
+    """SIGTERM/SIGINT ask the loop to stop after the current step (main thread only)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def requested(self, world_size: int) -> bool:
+        if world_size == 1:
+            return self.signum is not None
+        flag = torch.tensor([self.signum or 0], dtype=torch.int64)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # every rank stops at the same step
+        self.signum = int(flag[0]) or None
+        return self.signum is not None
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _tag(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _latest_tag(checkpoint_dir: Path) -> str | None:
+    latest = Path(checkpoint_dir) / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def _load_checkpoint(engine, checkpoint_dir: Path, tag: str) -> dict:
+    path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+    if path is None or client_state is None:
+        raise RuntimeError(f"checkpoint {checkpoint_dir / tag} could not be loaded; delete {checkpoint_dir} to start over")
+    return client_state
+
+
+def _save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict, keep: int, rank: int, world_size: int) -> None:
+    """Write to `.tmp-<tag>`, rename to `<tag>`, then replace `latest`: a kill at any point leaves the
+    previous checkpoint current. Old tags beyond `keep` are removed."""
+    tag, tmp = _tag(step), f".tmp-{_tag(step)}"
+    engine.save_checkpoint(str(checkpoint_dir), tag=tmp, client_state=client_state, save_latest=False)
+    if world_size > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        final = checkpoint_dir / tag
+        if final.exists():
+            shutil.rmtree(final)
+        meta = {k: v for k, v in client_state.items() if k not in ("rng", "detector")}
+        (checkpoint_dir / tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        os.replace(checkpoint_dir / tmp, final)
+        latest_tmp = checkpoint_dir / "latest.tmp"
+        latest_tmp.write_text(tag)
+        os.replace(latest_tmp, checkpoint_dir / "latest")
+        for old in sorted(p for p in checkpoint_dir.glob("step*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if world_size > 1:
+        torch.distributed.barrier()
 
 
 @torch.no_grad()
@@ -233,14 +616,6 @@ def evaluate_loss(model: torch.nn.Module, val_shards: list[np.ndarray], block_si
             count += 1
     model.train(was_training)
     return total / max(1, count)
-
-
-def _save_checkpoint(engine, checkpoint_dir: Path, step: int, tokens: int, loss: float, keep: int) -> None:
-    tag = f"step{step:08d}"
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"step": step, "tokens": tokens, "loss": loss})
-    tags = sorted(p for p in checkpoint_dir.glob("step*") if p.is_dir())
-    for old in tags[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _consolidated_model(engine, model_cfg: GPTConfig, cfg: TrainConfig, checkpoint_dir: Path) -> GPT:

@@ -2,18 +2,21 @@
 
 TensorBoard logs go to `tensorboard/<key>/` and DeepSpeed checkpoints to `checkpoints/<key>/`, so an
 interrupted run of the same key resumes from its last checkpoint; the stage output is the final model
-directory (safetensors) and the metric history.
+directory (safetensors), the metric history and the training events (spikes, skipped updates,
+rollbacks, interruptions), which also land in the DuckDB catalog as table `training_events`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from lm_core.engine import train
+from lm_core.engine import EVENTS_FILE, train
 from lm_core.shards import open_split
+from lm_core.stability import read_events
 from lm_core.tokenizer import Tokenizer
 from lm_core.tracking import JsonlTracker, MultiTracker, TensorBoardTracker
 from lm_core.weights import save_model_dir
@@ -23,6 +26,11 @@ from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
 STAGE, VERSION = "pretrain", "1"
 MODEL_DIR, HISTORY_FILE = "model", "history.jsonl"
+EVENTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS training_events (
+    pretrain_key VARCHAR, step BIGINT, kind VARCHAR, action VARCHAR, metric VARCHAR, value DOUBLE,
+    threshold DOUBLE, data_window BIGINT, doc_ids VARCHAR, detail VARCHAR, logged_at DOUBLE);
+"""
 log = logging.getLogger("lmforge")
 
 
@@ -48,6 +56,10 @@ def run(cfg: PipelineConfig, ws: Workspace, shard: StageResult, tokenizer: Stage
             result = train(cfg.model, cfg.train, train_shards, val_shards, checkpoints, tracker, progress)
         finally:
             tracker.close()
+            # also when training diverged or was interrupted: the table says what happened
+            events = read_events(checkpoints / EVENTS_FILE)
+            record_events(ws, pretrain_key, events)
+        (out / EVENTS_FILE).write_text("".join(json.dumps(e) + "\n" for e in events))
         save_model_dir(result.model, tokenizer_stage.model_path(tokenizer), out / MODEL_DIR,
                        extra={"tokenizer_sha256": tok.sha256})
         return {
@@ -60,11 +72,32 @@ def run(cfg: PipelineConfig, ws: Workspace, shard: StageResult, tokenizer: Stage
             "tokens_per_s": (result.steps - result.resumed_from_step) * cfg.train.global_batch_size
             * cfg.model.block_size / max(result.wall_s, 1e-9),
             "resumed_from_step": result.resumed_from_step,
+            "skipped_updates": result.skipped_steps,
+            "rollbacks": result.rollbacks,
+            "training_events": len(events),
             "tensorboard_dir": str(tb_dir),
             "checkpoint_dir": str(checkpoints),
         }
 
     return run_stage(ws, STAGE, pretrain_key, build, force)
+
+
+def record_events(ws: Workspace, pretrain_key: str, events: list[dict[str, Any]]) -> int:
+    """Replace this key's rows of `training_events` with `events` (the whole log, resumes included)."""
+    with ws.duckdb() as con:
+        con.execute(EVENTS_SCHEMA)
+        con.execute("DELETE FROM training_events WHERE pretrain_key = ?", [pretrain_key])
+        rows = [[pretrain_key, e["step"], e["kind"], e["action"], e.get("metric", ""), _as_float(e.get("value")),
+                 _as_float(e.get("threshold")), e.get("window"), json.dumps(e.get("doc_ids", [])), e.get("detail", ""),
+                 e.get("time")] for e in events]
+        if rows:
+            con.executemany("INSERT INTO training_events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    return len(rows)
+
+
+def _as_float(value: Any) -> float | None:
+    """Events write NaN/Inf as strings (JSON has neither); DuckDB DOUBLE takes them as floats."""
+    return None if value is None else float(value)
 
 
 def model_dir(result: StageResult) -> Path:

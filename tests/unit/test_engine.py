@@ -209,3 +209,50 @@ def test_rerun_of_a_finished_run_reports_its_loss(shards, tmp_path):
     again = run_train(train_config(max_steps=10, checkpoint_every=0), shards, ckpt, tmp_path / "b.jsonl")
     assert again.resumed_from_step == 10
     assert again.final_loss == pytest.approx(done.final_loss)
+
+
+# --- schedules, options, ZeRO stages ------------------------------------------------------------
+
+
+def test_lr_multiplier_warmup_stable_decay():
+    cfg = TrainConfig(schedule="wsd", warmup_steps=10, max_steps=110, decay_fraction=0.2, min_lr_ratio=0.0)
+    assert cfg.lr_multiplier(4) == pytest.approx(5 / 10)
+    assert [cfg.lr_multiplier(s) for s in (10, 50, 87)] == [1.0, 1.0, 1.0]  # stable until step 88
+    assert cfg.lr_multiplier(88) == pytest.approx(1.0)
+    assert cfg.lr_multiplier(99) == pytest.approx(0.5)  # halfway through the 22-step linear decay
+    assert cfg.lr_multiplier(110) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="train.schedule='step' is not supported; set train.schedule to cosine or wsd"):
+        TrainConfig(schedule="step").validate()
+    with pytest.raises(ValueError, match=r"train.decay_fraction=1.5 must be in \[0, 1\]"):
+        TrainConfig(decay_fraction=1.5).validate()
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = GPT(MODEL)
+    idx = torch.randint(0, VOCAB, (2, BLOCK + 1))
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = flag
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_checkpoints_resume_exactly(shards, tmp_path, stage):
+    """ZeRO-2/3 checkpoints save and reload: 6 steps straight equal 3 steps + resume to 6 (fp32, CPU)."""
+    cfg = dict(zero_stage=stage, max_steps=6, warmup_steps=1, log_every=3, eval_every=0, checkpoint_every=3,
+               keep_checkpoints=3)
+    full = run_train(train_config(**cfg), shards, tmp_path / "full", tmp_path / "full.jsonl")
+    (tmp_path / "part").mkdir()
+    shutil.copytree(tmp_path / "full" / "step00000003", tmp_path / "part" / "step00000003")
+    (tmp_path / "part" / "latest").write_text("step00000003")
+    resumed = run_train(train_config(**cfg), shards, tmp_path / "part", tmp_path / "part.jsonl")
+    assert resumed.resumed_from_step == 3
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
