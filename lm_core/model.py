@@ -156,7 +156,10 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x (B, T, H, D) by position. Uses the "rotate half" pairing (dim i with i + D/2), as
     Hugging Face Llama does, so Llama q/k weights load without permuting."""
     x1, x2 = x.chunk(2, dim=-1)  # (B, T, H, D/2) each
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
+    if cos.dim() == 2:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
+    else:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # per-row positions: (B, T, 1, D/2)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
@@ -178,7 +181,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None,
+                mask: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, D)
@@ -190,7 +194,9 @@ class Attention(nn.Module):
         if kv_cache is not None:
             offset = kv_cache.pos
             k, v = kv_cache.update(self.layer, k, v)  # (B, K, S, D), S = offset + T
-        if offset == 0:
+        if mask is not None:  # left-padded batch: (B, 1, T, S), built once per forward by GPT
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+        elif offset == 0:
             # queries and keys cover the same positions: the plain causal mask is right (and fastest)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
         else:
@@ -237,12 +243,15 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None,
+                mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class GPT(nn.Module):
+    activation_checkpointing = False  # the training engine sets it from train.activation_checkpointing
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         cfg.validate()
@@ -288,7 +297,10 @@ class GPT(nn.Module):
             self.rope_sin.copy_(sin)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *, kv_cache: KVCache | None = None,
-                reduction: str = "mean") -> tuple[Tensor, Tensor | None]:
+                reduction: str = "mean", pad: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """pad (B,) long, optional: each row's number of left-padding tokens, counted from position 0 (cache
+        slot 0 with a cache). Padding slots are masked out as keys and a row's positions start after its
+        padding, so a left-padded row computes what it would alone (batched generation of unequal prompts)."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.cfg.block_size:
@@ -298,11 +310,26 @@ class GPT(nn.Module):
             raise ValueError(f"KV cache (batch {kv_cache.batch_size}, max_len {kv_cache.max_len}) cannot take "
                              f"batch {B} at positions {start}..{start + T - 1}; allocate a larger cache or reset it")
         x = self.wte(idx)  # (B, T, C)
+        slots = torch.arange(start, start + T, device=idx.device)  # (T,)
+        positions, mask = slots, None
+        if pad is not None:
+            positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
+            keys = torch.arange(start + T, device=idx.device)[None, None, :]  # (1, 1, S)
+            query = slots[None, :, None]  # (1, T, 1)
+            # a padding query sees only itself, so no softmax row is all -inf (NaN would leak through 0 * v)
+            mask = ((keys >= pad[:, None, None]) & (keys <= query)) | (keys == query)  # (B, T, S)
+            mask = mask[:, None]  # (B, 1, T, S), broadcast over heads
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, D/2); empty without rope
+            x = x + self.wpe(positions)
+        cos, sin = self.rope_cos, self.rope_sin  # empty without rope
+        if self.cfg.pos == "rope":
+            cos, sin = cos[positions], sin[positions]  # (T, D/2), or (B, T, D/2) with pad
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache)
+            if self.activation_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled():
+                # keep only the block's input; backward recomputes its activations (memory for ~1/3 more compute)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, None, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, kv_cache, mask)
         if kv_cache is not None:
             kv_cache.pos += T
         logits = self.lm_head(self.norm_f(x)).float()  # (B, T, V); float32 so softmax/CE are stable under bf16

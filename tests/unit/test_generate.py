@@ -142,3 +142,80 @@ def test_validate_names_the_key(overrides, match, trained):
         SamplingConfig(**overrides).validate()
     with pytest.raises(ValueError, match=match):
         generate(trained, [1], SamplingConfig(**overrides))
+
+
+# --- batches of prompts of different lengths (left padding + masks) -------------------------------
+
+from lm_core.generate import generate_batch, generate_batch_tokens  # noqa: E402
+from lm_core.model import KVCache  # noqa: E402
+
+
+def _random_models() -> list[GPT]:
+    torch.manual_seed(4)
+    rope = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+    learned = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32, pos="learned",
+                            norm="layernorm", mlp="gelu", tie_embeddings=False))
+    return [rope.eval(), learned.eval()]
+
+
+@torch.no_grad()
+def test_left_padded_rows_compute_what_they_would_alone():
+    # logits, not argmax: a near-tie cannot hide a wrong mask or position offset
+    prompts = [[3, 9, 4, 1, 7, 30, 2], [11, 5], [8, 8, 1, 60]]
+    for model in _random_models():
+        T = max(map(len, prompts))
+        pad = torch.tensor([T - len(p) for p in prompts])
+        x = torch.tensor([[0] * (T - len(p)) + p for p in prompts])  # (3, T)
+        cache = KVCache(model.cfg, 3, T + 2)
+        batched, _ = model(x, kv_cache=cache, pad=pad)  # prefill
+        step, _ = model(torch.tensor([[21], [22], [23]]), kv_cache=cache, pad=pad)  # one decode step
+        for b, p in enumerate(prompts):
+            alone, _ = model(torch.tensor([p + [21 + b]]))  # (1, len+1, V), no cache, no padding
+            torch.testing.assert_close(batched[b, T - len(p):], alone[0, :len(p)], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(step[b, 0], alone[0, -1], atol=1e-5, rtol=1e-4)
+            assert torch.isfinite(batched[b]).all()  # padding queries must not produce NaN
+
+
+def test_batched_greedy_equals_individual_greedy(trained, trained_learned):
+    prompts = [PATTERN[:5], PATTERN[3:4], PATTERN[1:8], PATTERN[6:8] + PATTERN[:3]]
+    for model in (trained, trained_learned):
+        individual = [generate(model, p, GREEDY) for p in prompts]
+        assert generate_batch(model, prompts, GREEDY) == individual
+        assert generate_batch(model, prompts, GREEDY, use_cache=False) == individual
+        assert individual[1] == continuation(PATTERN[3], 24)
+        # eos ends one row early while the others go on
+        with_eos = generate_batch(model, prompts, GREEDY, eos_id=22)
+        assert with_eos == [generate(model, p, GREEDY, eos_id=22) for p in prompts]
+        assert len({len(r) for r in with_eos}) > 1
+
+
+def test_batched_sampling_and_overflow_equal_individual():
+    # untrained (near-uniform) model, seeded sampling, prompts long enough to overflow block_size=32
+    model = _random_models()[0]
+    prompts = [torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 20, 40)]
+    for sampling in (SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=30, seed=5),
+                     SamplingConfig(max_new_tokens=20, temperature=0.0)):
+        individual = [generate(model, p, sampling) for p in prompts]
+        assert generate_batch(model, prompts, sampling) == individual
+        assert generate_batch(model, prompts, sampling, use_cache=False) == individual
+
+
+def test_caller_can_stop_a_row_and_reuse_a_cache(trained):
+    prompts = [PATTERN[:2], PATTERN[:4]]
+    cache = KVCache(trained.cfg, batch_size=2, max_len=32)
+    storage = cache.k.data_ptr(), cache.v.data_ptr()
+    active = [True, True]
+    seen = []
+    for step in generate_batch_tokens(trained, prompts, GREEDY, cache=cache, active=active):
+        seen.append(step)
+        if len(seen) == 3:
+            active[0] = False  # e.g. a stop string appeared in row 0's text
+    assert [s[0] for s in seen[:3]] == continuation(PATTERN[1], 3) and all(s[0] is None for s in seen[3:])
+    assert [s[1] for s in seen] == continuation(PATTERN[3], 24)
+    again = list(generate_batch_tokens(trained, prompts, GREEDY, cache=cache))  # the same cache, reset
+    assert [s[0] for s in again] == continuation(PATTERN[1], 24)
+    assert (cache.k.data_ptr(), cache.v.data_ptr()) == storage  # no reallocation
+    with pytest.raises(ValueError, match=r"KV cache \(batch 2, max_len 32\) does not fit 3 prompts"):
+        generate_batch_tokens(trained, prompts + [[1]], GREEDY, cache=cache)
+    with pytest.raises(ValueError, match="a prompt is empty"):
+        generate_batch_tokens(trained, [[1], []], GREEDY)
