@@ -1,34 +1,56 @@
-"""Stage 7, evaluate: validation loss, perplexity and bits per byte, trained vs untrained, plus samples."""
+"""Stage 7, evaluate: validation loss, perplexity and bits per byte, trained vs untrained; the same on
+extra text files; multiple-choice tasks (accuracy with a 95% interval, plus how much of each task
+overlaps the training data); samples for fixed prompts.
+
+Metric names are stable across runs (the MLflow compare view lines them up): val_*, untrained_val_*,
+text.<name>.{loss,bpb}, mc.<task>.{acc,acc_norm,acc_ci_low,acc_ci_high,chance,n,overlap_fraction}.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lm_core.evaluation import bits_per_byte
 from lm_core.generate import generate
 from lm_core.model import GPT
+from lm_core.multiple_choice import contamination, evaluate_task, load_task, word_ngrams
 from lm_core.shards import open_split
 from lm_core.tokenizer import Tokenizer
 from lm_core.weights import load_model_dir
+from pipelines import bigbench
 from pipelines import pretrain as pretrain_stage
 from pipelines import tokenizer as tokenizer_stage
-from pipelines.config import PipelineConfig
+from pipelines.config import EvalTaskConfig, PipelineConfig
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
 STAGE, VERSION = "evaluate", "1"
-SAMPLES_FILE = "samples.json"
+SAMPLES_FILE, TASKS_FILE = "samples.json", "tasks.json"
 
 
 def key(cfg: PipelineConfig, pretrain: StageResult, shard: StageResult, tokenizer: StageResult) -> str:
-    return stage_key(STAGE, VERSION, cfg.eval, [pretrain, shard, tokenizer])
+    # the content of task and text files, not just their paths, decides the scores
+    files = [t.path for t in cfg.eval.tasks if t.path] + list(cfg.eval.texts)
+    extra = {p: _sha256(Path(p)) for p in files} or None
+    return stage_key(STAGE, VERSION, cfg.eval, [pretrain, shard, tokenizer], extra=extra)
 
 
 def run(cfg: PipelineConfig, ws: Workspace, pretrain: StageResult, shard: StageResult, tokenizer: StageResult,
         force: bool = False) -> StageResult:
+    for task in cfg.eval.tasks:  # a missing file fails before any work; BIG-bench tasks are fetched in build
+        if task.path and not Path(task.path).is_file():
+            raise FileNotFoundError(f"eval.tasks[{task.label}].path={task.path} does not exist; "
+                                    "point it at a .jsonl or BIG-bench task.json file")
+    for path in cfg.eval.texts:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"eval.texts: {path} does not exist; list UTF-8 text files to score")
+
     def build(out: Path) -> dict:
+        task_files = _task_files(cfg, ws)
         tok = Tokenizer(tokenizer_stage.model_path(tokenizer))
         model, _ = load_model_dir(pretrain_stage.model_dir(pretrain))
         val = open_split(shard.dir, "val", tok.sha256)
@@ -51,11 +73,60 @@ def run(cfg: PipelineConfig, ws: Workspace, pretrain: StageResult, shard: StageR
             "val_tokens": trained["tokens"],
             "val_bytes": trained["bytes"],
         }
+        for path in cfg.eval.texts:
+            text = Path(path).read_text(encoding="utf-8")
+            ids = np.array([tok.bos_id, *tok.encode(text), tok.eos_id], dtype=np.uint16)
+            scores = bits_per_byte(model, [ids], token_bytes, block_size=cfg.model.block_size, batch_size=cfg.eval.batch_size)
+            metrics.update({f"text.{Path(path).stem}.loss": scores["loss"], f"text.{Path(path).stem}.bpb": scores["bpb"]})
+        if task_files:
+            rows = _score_tasks(cfg, model, tok, shard, task_files)
+            (out / TASKS_FILE).write_text(json.dumps(rows, indent=2))
+            for row in rows:
+                metrics.update({f"mc.{row['task']}.{k}": row[k] for k in
+                                ("acc", "acc_norm", "acc_ci_low", "acc_ci_high", "chance", "n", "overlap_fraction")})
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return metrics
 
     return run_stage(ws, STAGE, key(cfg, pretrain, shard, tokenizer), build, force)
 
 
+def _task_files(cfg: PipelineConfig, ws: Workspace) -> dict[str, tuple[EvalTaskConfig, Path]]:
+    named = [t.bigbench for t in cfg.eval.tasks if t.bigbench]
+    prepared = bigbench.prepare(ws, named) if named else {}
+    files = {}
+    for task in cfg.eval.tasks:
+        path = prepared[task.bigbench] if task.bigbench else Path(task.path)
+        files[task.label.replace("/", ".")] = (task, path)
+    return files
+
+
+def _score_tasks(cfg: PipelineConfig, model, tok: Tokenizer, shard: StageResult,
+                 task_files: dict[str, tuple[EvalTaskConfig, Path]]) -> list[dict]:
+    """One row per task: accuracies with intervals, chance level, and the training-data overlap."""
+    n = cfg.eval.decontam_ngram
+    train_ngrams: set[int] = set()
+    for array in open_split(shard.dir, "train", tok.sha256):  # the training text, decoded back from its tokens
+        for start in range(0, array.size, 200_000):
+            train_ngrams |= word_ngrams(tok.decode(array[start : start + 200_000].tolist()), n)
+    rows = []
+    for name, (task, path) in task_files.items():
+        examples = load_task(path)[: task.max_examples]
+        scores = evaluate_task(model, tok.encode, examples, bos_id=tok.bos_id)
+        overlap = contamination(examples, train_ngrams, n)
+        rows.append({"task": name, "source": str(path), **{k: v for k, v in scores.items() if k != "examples"},
+                     "overlap_fraction": overlap["overlap_fraction"], "overlapping_examples": overlap["examples_overlapping"],
+                     "ngram": n})
+    return rows
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+
+
 def samples(result: StageResult) -> list[dict]:
     return json.loads((result.dir / SAMPLES_FILE).read_text())
+
+
+def task_rows(result: StageResult) -> list[dict]:
+    path = result.dir / TASKS_FILE
+    return json.loads(path.read_text()) if path.is_file() else []

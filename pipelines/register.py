@@ -1,11 +1,15 @@
-"""Stage 9, register: one MLflow run per trained model — params, per-step metrics, artifacts — and a
-new registered model version with alias `candidate` and tags that lead back to the data.
+"""Stage 9, register: one MLflow run per trained model — params, per-step metrics, artifacts, and a
+nested run per stage — and a new registered model version with alias `candidate` and tags that lead
+back to the data. Then the promotion gate: the version becomes `champion` only when its gate metric
+beats the current champion's (the first version of a model always does); the decision, both numbers
+and the reason are written to the version's tags and to registration.json.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -13,14 +17,16 @@ from pathlib import Path
 import yaml
 
 from lm_core.tracking import read_history
-from lm_core.typed_config import flatten
+from lm_core.typed_config import ConfigError, flatten
 from pipelines import evaluate as evaluate_stage
+from pipelines import export as export_stage
 from pipelines import pretrain as pretrain_stage
 from pipelines.config import PipelineConfig
 from pipelines.lineage import lineage
+from pipelines.models_cli import GATE_TAGS
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
-STAGE, VERSION = "register", "1"
+STAGE, VERSION = "register", "2"
 PIP_REQUIREMENTS = ["torch==2.13.0", "safetensors", "sentencepiece", "numpy"]
 
 
@@ -41,12 +47,13 @@ def run(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageResult], tag
         force: bool = False) -> StageResult:
     """`tags` are extra run/version tags, e.g. the Prefect flow-run id; they are not part of the key."""
     export, evaluate = results["export"], results["evaluate"]
+    gate_value = _gate_value_of(cfg, evaluate)  # a misnamed gate metric stops before anything is logged
 
     def build(out: Path) -> dict:
         import mlflow
         from mlflow import MlflowClient
 
-        from pipelines.mlflow_model import LmforgeTextGenerator
+        from pipelines.mlflow_model import LmforgeTextGenerator, signature
 
         configure_mlflow(ws)
         client = MlflowClient()
@@ -58,26 +65,34 @@ def run(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageResult], tag
             _log_history(client, run.info.run_id, results["pretrain"])
             stage_metrics = {f"{stage}.{k}": float(v) for stage in ("ingest", "dedup", "split", "tokenizer", "shard", "pretrain")
                              if stage in results for k, v in results[stage].metrics.items() if _is_number(v)}
-            mlflow.log_metrics({**stage_metrics, **{f"eval.{k}": float(v) for k, v in evaluate.metrics.items()}})
+            mlflow.log_metrics({**stage_metrics, **{f"eval.{k}": float(v) for k, v in evaluate.metrics.items() if _is_number(v)}})
+            _log_stage_runs(results, experiment.experiment_id)
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
                 mlflow.log_artifact(str(Path(tmp) / "config.yaml"))
             mlflow.log_artifact(str(evaluate.dir / evaluate_stage.SAMPLES_FILE))
+            _log_tables(evaluate)
             mlflow.log_artifact(str(export.dir / "tokenizer.model"), "tokenizer")
             tb_dir = Path(results["pretrain"].metrics.get("tensorboard_dir", ""))
             if tb_dir.is_dir():
                 mlflow.log_artifacts(str(tb_dir), "tensorboard")
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=LmforgeTextGenerator(),
-                artifacts={"model_dir": str(export.dir)},
-                pip_requirements=PIP_REQUIREMENTS,
-                registered_model_name=cfg.register.model_name,
-            )
+            with tempfile.TemporaryDirectory() as tmp:
+                # the pyfunc needs the lmforge weights only; the Hugging Face copy stays in the export
+                model_dir = Path(tmp) / "model_dir"
+                shutil.copytree(export.dir, model_dir, ignore=shutil.ignore_patterns(export_stage.HF_DIR))
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=LmforgeTextGenerator(),
+                    artifacts={"model_dir": str(model_dir)},
+                    pip_requirements=PIP_REQUIREMENTS,
+                    signature=signature(),
+                    registered_model_name=cfg.register.model_name,
+                )
         version = str(info.registered_model_version)
         client.set_registered_model_alias(cfg.register.model_name, cfg.register.alias, version)
         for tag, value in {**run_tags, "lmforge.mlflow_run_id": run.info.run_id}.items():
             client.set_model_version_tag(cfg.register.model_name, version, tag, value)
+        decision = promotion_gate(client, cfg, version, gate_value, run_tags.get("lmforge.shard_manifest_key", ""))
         registration = {
             "experiment_id": experiment.experiment_id,
             "run_id": run.info.run_id,
@@ -85,11 +100,98 @@ def run(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageResult], tag
             "version": version,
             "alias": cfg.register.alias,
             "model_uri": f"models:/{cfg.register.model_name}/{version}",
+            "champion": decision["champion_after"],
+            "promoted": decision["promoted"],
+            "gate": decision,
         }
         (out / "registration.json").write_text(json.dumps(registration, indent=2))
         return registration
 
     return run_stage(ws, STAGE, key(cfg, results), build, force)
+
+
+def promotion_gate(client, cfg: PipelineConfig, version: str, value: float, eval_data_key: str = "") -> dict:
+    """Give `version` the champion alias if its gate metric beats the current champion's.
+
+    The champion's number is its own gate tag when it was gated on the same metric, else its run's
+    `eval.<metric>`. A champion without that number is never replaced automatically (say so, and let
+    a person decide with `lmforge models promote`). Ties keep the champion.
+    """
+    reg, name = cfg.register, cfg.register.model_name
+    metric, higher = reg.gate_metric, reg.gate_higher_is_better
+    champion_version = client.get_registered_model(name).aliases.get(reg.champion_alias)
+    champion_version = None if champion_version is None else str(champion_version)  # MLflow gives an int
+    decision = {"metric": metric, "higher_is_better": higher, "value": value, "version": version,
+                "champion_version": champion_version, "champion_value": None, "same_eval_data": None}
+    if champion_version is None:
+        promoted, reason = True, f"first version with a {metric}: no '{reg.champion_alias}' yet"
+    else:
+        champion = client.get_model_version(name, champion_version)
+        champion_value = recorded_value(client, champion, metric)
+        decision["champion_value"] = champion_value
+        decision["same_eval_data"] = champion.tags.get("lmforge.shard_manifest_key") == eval_data_key
+        if champion_value is None:
+            promoted, reason = False, (f"champion v{champion_version} has no recorded {metric}; "
+                                       f"compare by hand and run `lmforge models promote {name} {version}`")
+        else:
+            better = value > champion_value if higher else value < champion_value
+            sign = (">" if better else "<=") if higher else ("<" if better else ">=")
+            promoted = bool(better)
+            reason = (f"{metric} {value:.6g} {sign} champion v{champion_version}'s {champion_value:.6g}"
+                      f" ({'higher' if higher else 'lower'} is better)")
+    if promoted:
+        client.set_registered_model_alias(name, reg.champion_alias, version)
+    decision.update(promoted=promoted, decision="promoted" if promoted else "refused", reason=reason,
+                    champion_after=version if promoted else champion_version)
+    for tag in GATE_TAGS:
+        client.set_model_version_tag(name, version, f"lmforge.gate.{tag}", str(decision[tag]))
+    return decision
+
+
+def recorded_value(client, model_version, metric: str) -> float | None:
+    """The version's gate number for `metric`: its gate tag, or its run's eval.<metric>; None if neither."""
+    tags = model_version.tags
+    if tags.get("lmforge.gate.metric") == metric and tags.get("lmforge.gate.value") not in (None, "None"):
+        return float(tags["lmforge.gate.value"])
+    if model_version.run_id:
+        value = client.get_run(model_version.run_id).data.metrics.get(f"eval.{metric}")
+        return None if value is None else float(value)
+    return None
+
+
+def _gate_value_of(cfg: PipelineConfig, evaluate: StageResult) -> float:
+    metric = cfg.register.gate_metric
+    value = evaluate.metrics.get(metric)
+    if not _is_number(value) or value != value:  # missing, not a number, or NaN
+        known = ", ".join(sorted(k for k, v in evaluate.metrics.items() if _is_number(v)))
+        raise ConfigError(f"register.gate_metric={metric!r} is not a number the evaluate stage reported "
+                          f"({value!r}); set register.gate_metric to one of: {known}")
+    return float(value)
+
+
+def _log_tables(evaluate: StageResult) -> None:
+    """The samples and the multiple-choice results as MLflow tables (the UI's evaluation view reads these)."""
+    import mlflow
+    import pandas as pd
+
+    mlflow.log_table(pd.DataFrame(evaluate_stage.samples(evaluate)), artifact_file="eval/samples.json")
+    rows = evaluate_stage.task_rows(evaluate)
+    if rows:
+        mlflow.log_table(pd.DataFrame(rows), artifact_file="eval/tasks.json")
+
+
+def _log_stage_runs(results: dict[str, StageResult], experiment_id: str) -> None:
+    """One nested run per stage under the model's run: its key, whether it was reused, its numbers."""
+    import mlflow
+
+    for stage, result in results.items():
+        if stage == STAGE:
+            continue
+        with mlflow.start_run(experiment_id=experiment_id, run_name=stage, nested=True, tags={"lmforge.stage": stage}):
+            mlflow.log_params({"stage": stage, "key": result.key, "reused": str(result.reused)})
+            numbers = {k: float(v) for k, v in result.metrics.items() if _is_number(v)}
+            if numbers:
+                mlflow.log_metrics(numbers)
 
 
 def _experiment(client, ws: Workspace, name: str):
