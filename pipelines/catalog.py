@@ -1,9 +1,11 @@
 """The DuckDB catalog: tables every data stage writes, keyed by the stage key that wrote them.
 
-documents   one row per ingested document of a snapshot (the ingest key)
+documents   one row per ingested document of a snapshot (the ingest key); text is normalized,
+            norm_hash is the exact-dedup key (md5 of the lower-cased, whitespace-collapsed text)
 quarantine  records refused at ingest, with the reason and a snippet
 doc_status  per dedup key: each document kept, or dropped with a reason and what it duplicates
 splits      per split key: each kept document's split (train/val)
+(dedup_runs and minhash_bands, for incremental dedup, are pipelines.incremental's.)
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any, Iterator
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
     snapshot VARCHAR, doc_id VARCHAR, source VARCHAR, uri VARCHAR, text VARCHAR,
-    n_bytes BIGINT, content_hash VARCHAR);
+    n_bytes BIGINT, content_hash VARCHAR, norm_hash VARCHAR);
+ALTER TABLE documents ADD COLUMN IF NOT EXISTS norm_hash VARCHAR;
 CREATE TABLE IF NOT EXISTS quarantine (
     snapshot VARCHAR, source VARCHAR, uri VARCHAR, reason VARCHAR, snippet VARCHAR);
 CREATE TABLE IF NOT EXISTS doc_status (

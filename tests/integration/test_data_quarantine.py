@@ -195,12 +195,15 @@ def test_rerun_reuses_and_a_new_file_makes_a_new_snapshot(data, corpus):
     assert {k: r.key for k, r in again.items()} == {k: r.key for k, r in first.items()}
 
     root, _ = corpus
-    (root / "texts" / "i_new.txt").write_text(inspect.getdoc(textwrap.indent) + "\n\nAdded later.")
+    (root / "texts" / "i_new.txt").write_text(inspect.getdoc(shutil.rmtree) + "\n\nAdded later.")
+    # a near copy of a jsonl record (textwrap.indent's doc, one line added): a near duplicate of it
+    (root / "texts" / "j_near.txt").write_text(inspect.getdoc(textwrap.indent) + "\n\nAdded later.")
     grown = run_pipeline(cfg, only="split")
     assert not grown["ingest"].reused and grown["ingest"].key != first["ingest"].key
-    assert grown["ingest"].metrics["read"] == expected["read"] + 1
-    assert grown["ingest"].metrics["documents"] == expected["documents"] + 1
+    assert grown["ingest"].metrics["read"] == expected["read"] + 2
+    assert grown["ingest"].metrics["documents"] == expected["documents"] + 2
     assert grown["dedup"].metrics["kept"] == first["dedup"].metrics["kept"] + 1
+    assert grown["dedup"].metrics["dropped_by_reason"] == {"exact_duplicate": 1, "near_duplicate": 1}
     # the old snapshot's rows are still there, untouched
     with catalog(cfg) as con:
         old = con.execute("SELECT count(*) FROM documents WHERE snapshot = ?", [first["ingest"].key]).fetchall()[0][0]

@@ -159,3 +159,48 @@ def test_stdlib_source_yields_documents(tmp_path):
     assert all(r.uri.startswith("stdlib:") and r.source == "stdlib" for r in docs)
     assert all(r.text.strip() for r in docs)
     assert not (tmp_path / "downloads").exists()  # nothing fetched
+
+
+def test_jsonl_gz(tmp_path):
+    import gzip
+
+    path = tmp_path / "d.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps({"text": "zipped one"}) + "\n" + "{broken\n")
+    records = read(jsonl(tmp_path), tmp_path)
+    assert [(r.uri, r.text, r.reason) for r in records] == [
+        (f"{path}:1", "zipped one", None), (f"{path}:2", None, "malformed_json")]
+    check_source(jsonl(tmp_path))
+
+
+def _table_files(tmp_path):
+    import duckdb
+
+    with duckdb.connect() as con:
+        con.execute("""CREATE TABLE t AS SELECT * FROM (VALUES (1, 'first row text', 2.5), (2, NULL, 1.0),
+                                                               (3, 'third row', 0.0), (4, '', 3.0)) v(id, body, score)""")
+        con.execute(f"COPY t TO '{tmp_path / 'd.parquet'}' (FORMAT parquet)")
+        con.execute(f"COPY t TO '{tmp_path / 'd.csv'}' (FORMAT csv, HEADER)")
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv"])
+def test_table_sources_rows_and_refusals(tmp_path, kind):
+    _table_files(tmp_path)
+    src = SourceConfig(kind=kind, path=str(tmp_path / f"d.{kind}"), text_field="body", doc_chars=0)
+    check_source(src)
+    got = [(r.uri.rsplit(":", 1)[-1], r.text, r.reason) for r in read(src, tmp_path)]
+    # CSV has no NULL apart from the empty field, so an empty string reads back as NULL
+    last = ("4", None, "empty") if kind == "parquet" else ("4", None, "missing_field")
+    assert got == [("1", "first row text", None), ("2", None, "missing_field"), ("3", "third row", None), last]
+    assert read(src, tmp_path)[0].uri == f"{tmp_path / f'd.{kind}'}:1"
+    wrong = SourceConfig(kind=kind, path=str(tmp_path / f"d.{kind}"), text_field="score")
+    assert {r.reason for r in read(wrong, tmp_path)} == {"wrong_type"}
+    assert source_fingerprint(src)[0][0] == str(tmp_path / f"d.{kind}")
+
+
+def test_table_source_errors_before_work(tmp_path):
+    _table_files(tmp_path)
+    with pytest.raises(ConfigError, match="no column 'text'.*columns: id, body, score"):
+        check_source(SourceConfig(kind="parquet", path=str(tmp_path / "d.parquet")))
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_source(SourceConfig(kind="csv", path=str(tmp_path / "missing.csv"), text_field="body"))

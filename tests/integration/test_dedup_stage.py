@@ -1,0 +1,211 @@
+"""The dedup stage on a small real corpus (standard-library docs) with planted duplicates and junk:
+quality drops, exact copies on normalized text, near copies, chains, and the accounting invariant for
+every snapshot in the catalog."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import re
+import shutil
+import textwrap
+
+import duckdb
+import pytest
+
+from pipelines import data_report, dedup, ingest
+from pipelines.config import load_config
+from pipelines.workspace import Workspace
+
+pytestmark = pytest.mark.integration
+
+ORIGINALS = {f"a{i}.txt": inspect.getdoc(f) for i, f in enumerate(
+    (json.dumps, json.loads, shutil.copytree, shutil.rmtree, textwrap.wrap, textwrap.dedent, re.sub))}
+NEAR = inspect.getdoc(json.dumps).replace("If ``skipkeys`` is true", "If ``skipkeys`` is set")  # one word
+assert NEAR != ORIGINALS["a0.txt"]
+PLANTED = {
+    "b_exact.txt": ORIGINALS["a1.txt"].upper().replace("\n", "  \n "),  # exact after case/space folding
+    "c_near.txt": NEAR,
+    "d_copy_of_near.txt": NEAR,  # exact copy of a near duplicate: names the kept original
+    "e_junk.txt": "#sale #cheap #deal #now #buy #more #click #here #free #win",
+}
+EXPECTED = {"b_exact.txt": ("exact_duplicate", "a1.txt"), "c_near.txt": ("near_duplicate", "a0.txt"),
+            "d_copy_of_near.txt": ("exact_duplicate", "a0.txt"), "e_junk.txt": ("quality:symbol_ratio", None)}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dedup")
+    (root / "texts").mkdir()
+    for name, text in {**ORIGINALS, **PLANTED}.items():
+        (root / "texts" / name).write_text(text)
+    return root
+
+
+def config(root, *overrides):
+    return load_config("tiny", [f"workspace={root / 'ws'}",
+                                f"ingest.sources=[{{kind: text_dir, path: {root / 'texts'}, doc_chars: 0}}]", *overrides])
+
+
+@contextlib.contextmanager
+def catalog(cfg):
+    con = duckdb.connect(str(Workspace(cfg.workspace).catalog), read_only=True)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def statuses(cfg, result) -> dict[str, tuple]:
+    with catalog(cfg) as con:
+        rows = con.execute(
+            """SELECT d.uri, s.status, s.reason, o.uri FROM doc_status s
+               JOIN documents d USING (snapshot, doc_id)
+               LEFT JOIN documents o ON o.snapshot = s.snapshot AND o.doc_id = s.duplicate_of
+               WHERE s.dedup_key = ?""", [result.key]).fetchall()
+    return {uri.rsplit("/", 1)[-1]: (status, reason, dup and dup.rsplit("/", 1)[-1]) for uri, status, reason, dup in rows}
+
+
+def test_every_drop_has_its_reason_and_names_a_kept_original(corpus):
+    cfg = config(corpus)
+    ws = Workspace(cfg.workspace)
+    ing = ingest.run(cfg, ws)
+    result = dedup.run(cfg, ws, ing)
+    got = statuses(cfg, result)
+    assert {name: (reason, dup) for name, (status, reason, dup) in got.items() if status == "dropped"} == EXPECTED
+    assert all(got[name] == ("kept", None, None) for name in ORIGINALS)
+    m = result.metrics
+    assert m["kept"] == len(ORIGINALS) and m["read"] == len(ORIGINALS) + len(PLANTED)
+    assert m["dropped_by_reason"] == {"exact_duplicate": 2, "near_duplicate": 1, "quality:symbol_ratio": 1}
+    assert m["near_clusters"] == 1 and m["near_verified_pairs"] == 1
+
+
+def test_exact_method_keeps_near_duplicates(corpus):
+    cfg = config(corpus, "dedup.method=exact")
+    ws = Workspace(cfg.workspace)
+    result = dedup.run(cfg, ws, ingest.run(cfg, ws))
+    got = statuses(cfg, result)
+    assert got["c_near.txt"] == ("kept", None, None)
+    assert got["d_copy_of_near.txt"] == ("dropped", "exact_duplicate", "c_near.txt")
+    assert "near_clusters" not in result.metrics
+
+
+def test_accounting_holds_for_every_snapshot(corpus):
+    cfg = config(corpus)
+    ws = Workspace(cfg.workspace)
+    first = ingest.run(cfg, ws)
+    dedup.run(cfg, ws, first)
+    (corpus / "texts" / "f_new.txt").write_bytes(b"caf\xe9 in latin-1, refused at ingest")
+    (corpus / "texts" / "g_new.txt").write_text(inspect.getdoc(textwrap.fill))
+    second = ingest.run(cfg, ws)
+    dedup.run(cfg, ws, second)
+    dedup.run(config(corpus, "dedup.quality.min_words=100"), ws, second)  # a second dedup run of one snapshot
+    with catalog(cfg) as con:
+        entries = data_report.accounting(con)
+    assert {e["snapshot"] for e in entries} == {first.key, second.key}
+    assert len(entries) >= 3  # snapshot 1 x near (+ exact, from the test above), snapshot 2 x (near, min_words=100)
+    for e in entries:
+        assert e["read"] == e["documents"] + e["quarantined"]
+        assert e["documents"] == e["kept"] + sum(e["dropped_by_reason"].values()), e
+    newest = [e for e in entries if e["snapshot"] == second.key]
+    assert {e["quarantined_by_reason"].get("bad_encoding") for e in newest} == {1}
+    strict = [e for e in newest if "quality:min_words" in e["dropped_by_reason"]]
+    assert strict and strict[0]["dropped_by_reason"]["quality:min_words"] > 0
+
+
+def test_data_report_command_prints_the_accounting(corpus, capsys):
+    from flows.cli import main
+
+    cfg = config(corpus)
+    ws = Workspace(cfg.workspace)
+    dedup.run(cfg, ws, ingest.run(cfg, ws))
+    assert main(["data", "report", "--workspace", str(ws.root)]) == 0
+    out = capsys.readouterr().out
+    assert "dropped: near_duplicate" in out and "dropped: quality:symbol_ratio" in out
+    assert "read == quarantined + kept + dropped" in out and " NO " not in out
+    assert main(["data", "report", "--workspace", str(corpus / "nowhere")]) == 2
+
+
+def test_documents_overlapping_an_eval_set_are_dropped(corpus, tmp_path):
+    from lm_core.typed_config import ConfigError
+
+    copytree = ORIGINALS["a2.txt"].split()
+    wrap = ORIGINALS["a4.txt"].split()
+    evals = tmp_path / "evals"
+    evals.mkdir()
+    # 20 words lifted from copytree's doc: contaminates; 10 words of wrap's doc: below the 13-gram bar
+    (evals / "q1.txt").write_text("Question: " + " ".join(copytree[30:50]) + " Answer: yes")
+    (evals / "q2.txt").write_text("Another question about " + " ".join(wrap[5:15]) + " and nothing else")
+    cfg = config(corpus, f"dedup.decontaminate=[{{name: mini_eval, path: {evals}}}]")
+    ws = Workspace(cfg.workspace)
+    ingest.preflight(cfg)
+    result = dedup.run(cfg, ws, ingest.run(cfg, ws))
+    got = statuses(cfg, result)
+    assert got["a2.txt"] == ("dropped", "contaminates:mini_eval", None)
+    assert got["a4.txt"] == ("kept", None, None)
+    assert result.metrics["contaminated"] == 1
+    assert result.key != dedup.key(config(corpus), ingest.run(cfg, ws))
+    (evals / "q3.txt").write_text("a new eval question changes the dedup key")
+    assert dedup.key(cfg, ingest.run(cfg, ws)) != result.key
+
+    missing = config(corpus, f"dedup.decontaminate=[{{name: gone, path: {tmp_path / 'nope'}}}]")
+    with pytest.raises(ConfigError, match="does not exist"):
+        ingest.preflight(missing)
+
+
+def test_ingest_tables_and_oversized_documents_are_accounted(tmp_path):
+    import gzip
+
+    with duckdb.connect() as con:
+        con.execute("CREATE TABLE t (body VARCHAR)")
+        con.executemany("INSERT INTO t VALUES (?)", [[ORIGINALS["a0.txt"]], [None], [ORIGINALS["a3.txt"] * 10]])
+        con.execute(f"COPY t TO '{tmp_path / 'rows.parquet'}' (FORMAT parquet)")
+    with gzip.open(tmp_path / "more.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": ORIGINALS["a5.txt"]}) + "\n" + json.dumps({"text": ["a", "list"]}) + "\n")
+    sources = (f"[{{kind: parquet, name: table, path: {tmp_path / 'rows.parquet'}, text_field: body, doc_chars: 0}}, "
+               f"{{kind: jsonl, name: lines, path: {tmp_path / 'more.jsonl.gz'}}}]")
+    cfg = load_config("tiny", [f"workspace={tmp_path / 'ws'}", f"ingest.sources={sources}", "ingest.max_chars=5000"])
+    ingest.preflight(cfg)
+    m = ingest.run(cfg, Workspace(cfg.workspace)).metrics
+    assert (m["read"], m["documents"]) == (5, 2)
+    assert m["quarantine_reasons"] == {"missing_field": 1, "too_long": 1, "wrong_type": 1}
+
+
+def test_incremental_snapshot_is_judged_against_what_was_kept(tmp_path):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for name, text in {**ORIGINALS, **PLANTED}.items():
+        (texts / name).write_text(text)
+    overrides = [f"workspace={tmp_path / 'ws'}", f"ingest.sources=[{{kind: text_dir, path: {texts}, doc_chars: 0}}]",
+                 "dedup.incremental=true"]
+    cfg = load_config("tiny", overrides)
+    ws = Workspace(cfg.workspace)
+    first = dedup.run(cfg, ws, ingest.run(cfg, ws))
+    assert first.metrics["incremental_base"] is None and first.metrics["inherited"] == 0
+    assert {k: v for k, v in statuses(cfg, first).items() if v[0] == "dropped"} == {
+        name: ("dropped", *reason) for name, reason in EXPECTED.items()}
+
+    # new files: one new text, a near copy of an old kept doc, an exact copy of another, and a near copy
+    # of a0 whose uri sorts first (a full run would keep it and drop a0; old verdicts stand instead)
+    (texts / "h_new.txt").write_text(inspect.getdoc(textwrap.fill))
+    (texts / "i_near_old.txt").write_text(ORIGINALS["a2.txt"].replace("return the destination", "return that destination", 1))
+    (texts / "j_exact_old.txt").write_text(ORIGINALS["a3.txt"].lower())
+    (texts / "0_first.txt").write_text(ORIGINALS["a0.txt"].replace("If ``ensure_ascii``", "When ``ensure_ascii``", 1))
+    second_ingest = ingest.run(cfg, ws)
+    second = dedup.run(cfg, ws, second_ingest)
+    m = second.metrics
+    assert m["incremental_base"] == first.key
+    assert m["inherited"] == len(ORIGINALS) + len(PLANTED)  # every old document keeps its verdict
+    got = statuses(cfg, second)
+    assert got["h_new.txt"] == ("kept", None, None)
+    assert got["i_near_old.txt"] == ("dropped", "near_duplicate", "a2.txt")
+    assert got["j_exact_old.txt"] == ("dropped", "exact_duplicate", "a3.txt")
+    assert got["0_first.txt"] == ("dropped", "near_duplicate", "a0.txt")
+    assert all(got[name] == ("kept", None, None) for name in ORIGINALS)
+    assert m["read"] == m["kept"] + m["dropped"] == len(ORIGINALS) + len(PLANTED) + 4
+
+    full = load_config("tiny", overrides[:2])  # the same snapshot judged whole: a0 loses to 0_first
+    assert statuses(full, dedup.run(full, ws, second_ingest))["a0.txt"] == ("dropped", "near_duplicate", "0_first.txt")
+    other = load_config("tiny", [*overrides, "dedup.near.threshold=0.7"])  # another config: no base to build on
+    assert dedup.run(other, ws, second_ingest).metrics["incremental_base"] is None
