@@ -12,6 +12,12 @@ from pathlib import Path
 
 BENCHMARKS = {
     "pipeline": ("bench.pipeline", "stage timings of the whole flow; ratio = warm rerun / cold run"),
+    "train_step": ("bench.train_step", "pretrain tokens/s, ZeRO 0/1/2 x fp32/bf16; ratio = engine / plain PyTorch loop"),
+    "generate": ("bench.generate", "decode tokens/s; ratio = KV cache / recompute at 512 new tokens (+ batch, + HF)"),
+    "serve": ("bench.serve", "HTTP server req/s and p50/p95 latency; ratio = 8 concurrent clients / 1 client"),
+    "tokenize": ("bench.tokenize", "shard-stage encode MB/s; ratio = vs raw 1-thread SentencePiece encode"),
+    "loader": ("bench.loader", "training loader samples/s; ratio = vs flat np.memmap random windows"),
+    "dedup": ("bench.dedup", "near-dup docs/s, recall/precision on planted pairs; ratio = vs datasketch MinHash+LSH"),
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -45,13 +45,44 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=100)
     gen.add_argument("--temperature", type=float, default=0.8)
-    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--top-k", type=int, default=50, help="0: no top-k cut (default: 50)")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling, e.g. 0.9 (default: off)")
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                     help="stop before this text (repeatable); the stop text is not printed")
     gen.set_defaults(func=_cmd_generate)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/models, /health)")
+    srv.add_argument("--model", help="export directory or MLflow models:/ URI (default: the workspace's latest export)")
+    srv.add_argument("--workspace", default="workspace", help="workspace directory (default: ./workspace)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--name", help="model name clients pass as `model` (default: the export directory's name)")
+    srv.set_defaults(func=_cmd_serve)
+
+    data = sub.add_parser("data", help="inspect the data catalog: `lmforge data report`")
+    data_sub = data.add_subparsers(dest="data_command", metavar="WHAT", required=True)
+    data_report = data_sub.add_parser("report", help="reads, kept, dropped by reason, clusters, lengths per snapshot")
+    data_report.add_argument("--workspace", default="workspace", help="workspace directory (default: ./workspace)")
+    data_report.set_defaults(func=_cmd_data_report)
 
     show = sub.add_parser("config", help="print the resolved config (YAML + overrides) and its hash")
     _config_args(show)
     show.set_defaults(func=_cmd_config)
+
+    models = sub.add_parser("models", help="the model registry: list versions, show one, promote one to champion")
+    msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    mlist = msub.add_parser("list", help="every registered version with its aliases and promotion-gate decision")
+    mlist.add_argument("name", nargs="?", help="one registered model (default: all)")
+    mshow = msub.add_parser("show", help="one version: gate decision, eval metrics, lineage tags")
+    mshow.add_argument("ref", metavar="NAME[@ALIAS|/VERSION]")
+    mpromote = msub.add_parser("promote", help="point an alias (default: champion) at a version by hand")
+    mpromote.add_argument("name")
+    mpromote.add_argument("version")
+    mpromote.add_argument("--alias", default="champion")
+    for p in (mlist, mshow, mpromote):
+        p.add_argument("--workspace", default="workspace", help="workspace directory (default: ./workspace)")
+        p.set_defaults(func=_cmd_models)
     return parser
 
 
@@ -99,26 +130,73 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_report(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from pipelines.data_report import print_report
+    from pipelines.workspace import Workspace
+
+    path = Workspace(args.workspace).catalog
+    if not path.is_file():
+        raise FileNotFoundError(f"no catalog at {path}; run `lmforge run --only dedup` first or pass --workspace")
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        print_report(con)
+    finally:
+        con.close()
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from lm_core.generate import SamplingConfig, generate_tokens
+    from lm_core.generate import SamplingConfig, stream_text
     from lm_core.tokenizer import Tokenizer
+    from lm_core.typed_config import ConfigError
     from lm_core.weights import TOKENIZER_FILE, load_model_dir
 
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k or None, top_p=args.top_p, seed=args.seed)
+    sampling.validate()  # before anything is loaded or printed
+    if "" in args.stop:
+        raise ConfigError("--stop '' would stop at once; pass a non-empty text, e.g. --stop $'\\n\\n'")
     model_dir = _resolve_model(args.model, Path(args.workspace))
     model, _ = load_model_dir(model_dir)
     tok = Tokenizer(model_dir / TOKENIZER_FILE)
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    sampling.validate()  # before anything is printed
-    ids: list[int] = []
-    printed = ""
     print(args.prompt, end="", flush=True)
-    for token in generate_tokens(model, tok.encode(args.prompt, bos=True), sampling, eos_id=tok.eos_id):
-        ids.append(token)
-        text = tok.decode(ids)
-        if not text.endswith("\ufffd"):  # hold back a partial UTF-8 character until it completes
-            print(text[len(printed):], end="", flush=True)
-            printed = text
+    # pieces never split a UTF-8 character and never show (part of) a stop string
+    for chunk in stream_text(model, tok, [tok.encode(args.prompt, bos=True)], sampling, stop=args.stop):
+        print(chunk.text, end="", flush=True)
     print()
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pipelines.serving import serve
+
+    model_dir = _resolve_model(args.model, Path(args.workspace))
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not an lmforge model directory (no config.json); pass an export directory")
+    serve(model_dir, host=args.host, port=args.port, model_name=args.name)
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from pipelines import models_cli
+    from pipelines.report import quiet_environment
+    from pipelines.workspace import Workspace
+
+    ws = Workspace(args.workspace)
+    quiet_environment(ws)
+    try:
+        if args.models_command == "list":
+            print(models_cli.format_list(models_cli.list_versions(ws, args.name)))
+        elif args.models_command == "show":
+            print(models_cli.format_show(models_cli.show(ws, args.ref)))
+        else:
+            done = models_cli.promote(ws, args.name, args.version, args.alias)
+            print(f"{done['name']}@{done['alias']} -> version {done['version']} (was {done['previous'] or 'unset'})")
+    except models_cli.RegistryError as exc:
+        print(f"lmforge: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

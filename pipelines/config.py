@@ -21,16 +21,17 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 @dataclass
 class SourceConfig:
-    kind: Literal["shakespeare", "stdlib", "text_dir", "jsonl"] = "shakespeare"
+    kind: Literal["shakespeare", "stdlib", "text_dir", "jsonl", "parquet", "csv"] = "shakespeare"
     name: str = ""  # defaults to kind
-    path: str | None = None  # text_dir: a directory or file; jsonl: a .jsonl file or a directory of them
+    path: str | None = None  # text_dir: a directory or file; jsonl: a .jsonl(.gz) file or a directory of them;
+    # parquet/csv: a file, a glob, or a URI DuckDB reads (s3://, https://, hf:// need DuckDB's httpfs, online)
     glob: str = "**/*.txt"  # text_dir: which files under path
-    text_field: str = "text"  # jsonl: the field holding the document text
+    text_field: str = "text"  # jsonl/parquet/csv: the field (column) holding the document text
     doc_chars: int = 4000  # cut long files into documents of about this size at blank lines; 0: one per file
     max_docs: int | None = None  # stop after this many documents (smoke runs)
 
     def validate(self) -> None:
-        if self.kind in ("text_dir", "jsonl") and not self.path:
+        if self.kind in ("text_dir", "jsonl", "parquet", "csv") and not self.path:
             raise ConfigError(f"ingest.sources: a '{self.kind}' source needs 'path'; set path: /dir/with/files")
         if self.doc_chars < 0:
             raise ConfigError(f"ingest.sources[{self.label}].doc_chars={self.doc_chars} must be >= 0")
@@ -41,10 +42,18 @@ class SourceConfig:
 
 
 @dataclass
+class NormalizeConfig:
+    nfc: bool = True  # Unicode NFC
+    strip_control: bool = True  # drop control characters other than \t and \n
+    whitespace: Literal["keep", "trim_lines", "collapse"] = "keep"  # trim_lines: no trailing spaces, <= 1 blank line
+
+
+@dataclass
 class IngestConfig:
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     min_chars: int = 20  # shorter documents are quarantined as too_short
     max_chars: int = 2_000_000  # longer ones as too_long
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
 
     def validate(self) -> None:
         if not self.sources:
@@ -55,8 +64,64 @@ class IngestConfig:
 
 
 @dataclass
+class QualityConfig:
+    """Each rule drops a document with reason `quality:<rule>`; 0 (or null) switches a rule off.
+    The defaults pass Shakespeare's verse and Python source; they catch markup debris and boilerplate."""
+    min_words: int = 5
+    max_words: int = 0
+    min_alpha_fraction: float = 0.25  # letters / characters
+    min_mean_word_length: float = 2.0
+    max_mean_word_length: float = 25.0
+    max_dup_line_fraction: float = 0.7  # repeated non-blank lines / non-blank lines
+    max_symbol_word_ratio: float = 0.5  # (words starting with '#', '...', '…') / words
+
+
+@dataclass
+class NearDupConfig:
+    num_perm: int = 128
+    bands: int = 32  # rows per band = num_perm / bands; 32 x 4 makes a J=0.8 pair a candidate with p > 0.999
+    threshold: float = 0.8  # estimated Jaccard of word n-gram shingles that makes a pair near duplicates
+    ngram: int = 5
+    seed: int = 1
+    max_bucket: int = 64
+
+    def validate(self) -> None:
+        if self.bands < 1 or self.num_perm % self.bands:
+            raise ConfigError(f"dedup.near.num_perm={self.num_perm} is not divisible by dedup.near.bands={self.bands}; "
+                              "set bands to a divisor of num_perm")
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(f"dedup.near.threshold={self.threshold} must be in (0, 1]")
+        if self.ngram < 1:
+            raise ConfigError(f"dedup.near.ngram={self.ngram} must be >= 1")
+
+
+@dataclass
+class EvalSetConfig:
+    """Evaluation texts that training data must not contain (dedup drops `contaminates:<name>`)."""
+    name: str = ""
+    path: str = ""  # a text file, a directory of them (glob), or a .jsonl file / directory
+    kind: Literal["text_dir", "jsonl"] = "text_dir"
+    glob: str = "**/*.txt"
+    text_field: str = "text"
+
+    def validate(self) -> None:
+        if not self.name or not self.path:
+            raise ConfigError("dedup.decontaminate[]: each eval set needs a 'name' and a 'path', "
+                              "e.g. {name: hamlet_eval, path: evals/hamlet.txt}")
+
+
+@dataclass
 class DedupConfig:
-    method: Literal["exact"] = "exact"
+    method: Literal["exact", "near"] = "near"  # exact: quality + exact dedup only; near: then MinHash LSH
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    near: NearDupConfig = field(default_factory=NearDupConfig)
+    decontaminate: list[EvalSetConfig] = field(default_factory=list)
+    decontam_ngram: int = 13  # a document sharing one word n-gram this long with an eval text is dropped
+    incremental: bool = False  # judge only new documents, against what the last run with this config kept
+
+    def validate(self) -> None:
+        if self.decontam_ngram < 3:
+            raise ConfigError(f"dedup.decontam_ngram={self.decontam_ngram} must be >= 3 (13 is the usual choice)")
 
 
 @dataclass
@@ -81,18 +146,54 @@ class ShardConfig:
 
 
 @dataclass
+class EvalTaskConfig:
+    """A multiple-choice task: a file (JSONL or BIG-bench task.json) or a BIG-bench task by name."""
+    name: str = ""  # metric prefix mc.<name>.*; defaults to the bigbench name or the file's stem
+    path: str | None = None  # .jsonl lines {"context", "choices", "answer"}, or a BIG-bench task.json
+    bigbench: str | None = None  # e.g. logical_deduction; extracted once from the bigbench sdist (see pipelines/bigbench.py)
+    max_examples: int | None = None  # score only the first N examples
+
+    def validate(self) -> None:
+        if (self.path is None) == (self.bigbench is None):
+            raise ConfigError(f"eval.tasks[{self.label}]: give exactly one of 'path' (a .jsonl or task.json file) "
+                              "or 'bigbench' (a BIG-bench task name)")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.bigbench or (Path(self.path).stem if self.path else "?")
+
+
+@dataclass
 class EvalConfig:
     max_windows: int | None = 200  # validation windows of block_size tokens; null: the whole split
     batch_size: int = 8
     prompts: list[str] = field(default_factory=lambda: ["ROMEO.\n", "To be, or not to be", "The King"])
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=0.8, top_k=50, seed=0))
+    texts: list[str] = field(default_factory=list)  # extra evaluation text files: text.<stem>.{loss,bpb}
+    tasks: list[EvalTaskConfig] = field(default_factory=list)  # multiple-choice tasks: mc.<name>.{acc,acc_norm,...}
+    decontam_ngram: int = 8  # word n-gram length of the task/training-data overlap check
+
+    def validate(self) -> None:
+        labels = [t.label for t in self.tasks]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"eval.tasks names repeat ({labels}); give each task a distinct 'name'")
+        if self.decontam_ngram < 1:
+            raise ConfigError(f"eval.decontam_ngram={self.decontam_ngram} must be >= 1; e.g. 8 or 13")
 
 
 @dataclass
 class RegisterConfig:
     experiment: str = "lmforge"
     model_name: str = "lmforge-gpt"
-    alias: str = "candidate"
+    alias: str = "candidate"  # every new version gets this alias
+    champion_alias: str = "champion"  # moves to a new version only when it beats the current champion
+    gate_metric: str = "val_bpb"  # an evaluate-stage metric (metrics.json) compared by the promotion gate
+    gate_higher_is_better: bool = False  # val_bpb/val_loss: lower wins; accuracies (mc.*.acc): set true
+
+    def validate(self) -> None:
+        if self.alias == self.champion_alias:
+            raise ConfigError(f"register.alias and register.champion_alias are both '{self.alias}'; "
+                              "give them different names (default: candidate, champion)")
 
 
 @dataclass
