@@ -126,14 +126,14 @@ def run_lmforge(texts_uris: list[tuple[str, str]], args) -> np.ndarray:
     import duckdb
     import pyarrow as pa
 
-    from pipelines.neardup import MinHashParams, find_near_duplicates
+    from pipelines.neardup import NearDupConfig, find_near_duplicates
 
     con = duckdb.connect()
     con.execute(f"SET threads = {args.threads}")
     order = sorted(range(len(texts_uris)), key=lambda i: texts_uris[i][0])  # idx = uri order
     con.register("src", pa.table({"idx": np.argsort(order), "text": [t for _, t in texts_uris]}))
     con.execute("CREATE TABLE docs AS SELECT * FROM src")
-    params = MinHashParams(num_perm=args.num_perm, bands=args.bands, ngram=args.ngram, threshold=args.threshold)
+    params = NearDupConfig(num_perm=args.num_perm, bands=args.bands, ngram=args.ngram, threshold=args.threshold)
     r = find_near_duplicates(con, "SELECT idx, text FROM docs", len(texts_uris), params)
     label = np.arange(len(texts_uris))
     label[r.dropped] = r.survivor

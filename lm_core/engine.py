@@ -23,9 +23,7 @@ import math
 import os
 import resource
 import shutil
-import signal
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +32,8 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
+from lm_core.checkpoints import (SignalFlag, checkpoint_tag, latest_tag, load_checkpoint, rng_state, save_checkpoint,
+                                 set_rng_state)
 from lm_core.loader import TokenLoader
 from lm_core.model import GPT, GPTConfig
 from lm_core.shards import sequential_windows
@@ -232,8 +232,8 @@ def train(
             shutil.rmtree(stale, ignore_errors=True)
     detector = SpikeDetector(cfg.stability)
     faults = FaultInjector(cfg.stability)
-    if (tag := _latest_tag(checkpoint_dir)) is not None:
-        run.restore(_load_checkpoint(engine, checkpoint_dir, tag), loader, detector)
+    if (tag := latest_tag(checkpoint_dir)) is not None:
+        run.restore(load_checkpoint(engine, checkpoint_dir, tag), loader, detector)
     start_step = run.step
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -244,7 +244,7 @@ def train(
     hash_ = config_hash(model_cfg, cfg)
 
     def save(step_done: int) -> None:
-        _save_checkpoint(engine, checkpoint_dir, step_done, run.client_state(step_done, tokens_per_step, loader, detector, hash_),
+        save_checkpoint(engine, checkpoint_dir, step_done, run.client_state(step_done, tokens_per_step, loader, detector, hash_),
                          cfg.keep_checkpoints, rank, world_size)
 
     def event(step: int, kind: str, action: str, **kw) -> None:
@@ -257,7 +257,7 @@ def train(
         value = kw.get("value")
         tracker.log_metrics({f"stability/{kind}": value if isinstance(value, float) and math.isfinite(value) else 1.0}, step)
 
-    stop = _SignalFlag()
+    stop = SignalFlag()
     started = time.perf_counter()
     window_start, window_tokens = time.perf_counter(), 0
     val_loss = None
@@ -309,7 +309,7 @@ def train(
             if verdict is not None and verdict.action == "rollback":
                 spike_info = dict(metric=verdict.metric, value=verdict.value, threshold=verdict.threshold, window=window,
                                   doc_ids=_doc_ids(loader, window))
-                if verdict.reason == "persistent_spike" and _latest_tag(checkpoint_dir) is None:
+                if verdict.reason == "persistent_spike" and latest_tag(checkpoint_dir) is None:
                     # nothing to roll back to: a shift that lasts is taken as the new normal (the update was dropped)
                     detector.rebaseline()
                     run.skipped_steps += 1
@@ -364,7 +364,7 @@ def train(
     finally:
         stop.uninstall()
 
-    if _latest_tag(checkpoint_dir) != _tag(cfg.max_steps):
+    if latest_tag(checkpoint_dir) != checkpoint_tag(cfg.max_steps):
         save(cfg.max_steps)
     if val_shards is not None:
         val_loss = evaluate_loss(engine.module, val_shards, model_cfg.block_size, cfg.eval_windows, cfg.precision)
@@ -400,7 +400,7 @@ class _RunState:
         return {"step": step, "tokens": step * tokens_per_step, "loss": self.loss, "cursor": self.cursor,
                 "skipped_windows": sorted(self.skipped_windows), "skipped_steps": self.skipped_steps,
                 "rollbacks": self.rollbacks, "loader": loader.state_dict(), "detector": detector.state_dict(),
-                "rng": _rng_state(), "config_hash": hash_}
+                "rng": rng_state(), "config_hash": hash_}
 
     def restore(self, state: dict, loader, detector: SpikeDetector) -> None:
         self.step = int(state["step"])
@@ -415,12 +415,12 @@ class _RunState:
         if "detector" in state:
             detector.load_state_dict(state["detector"])
         if "rng" in state:
-            _set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
 
 
 def _rollback(engine, checkpoint_dir: Path, run: _RunState, loader, detector, max_rollbacks: int, step: int, event) -> None:
     offending = run.spike_windows + [run.cursor - 1]
-    tag = _latest_tag(checkpoint_dir)
+    tag = latest_tag(checkpoint_dir)
     if tag is None:
         event(step, "diverged", "stop", detail="no checkpoint to roll back to")
         raise TrainingDiverged(f"step {step} needs a rollback but no checkpoint exists in {checkpoint_dir}; "
@@ -432,7 +432,7 @@ def _rollback(engine, checkpoint_dir: Path, run: _RunState, loader, detector, ma
                                f"train.stability.max_rollbacks={max_rollbacks}; see {checkpoint_dir / EVENTS_FILE}, "
                                "then lower train.lr, raise train.warmup_steps or train.stability.max_rollbacks")
     rollbacks, skipped = run.rollbacks, run.skipped_steps
-    run.restore(_load_checkpoint(engine, checkpoint_dir, tag), loader, detector)
+    run.restore(load_checkpoint(engine, checkpoint_dir, tag), loader, detector)
     run.rollbacks, run.skipped_steps = rollbacks, skipped
     run.skipped_windows.update(offending)
     event(step, "rollback", "resume", detail=f"to {tag}; skipping windows {offending}")
@@ -513,92 +513,6 @@ def _doc_ids(loader, window: int) -> list:
     """Document ids of a window's samples, when the loader can name them (TokenLoader does not yet)."""
     describe = getattr(loader, "doc_ids", None)
     return list(describe(window)) if callable(describe) else []
-
-
-class _SignalFlag:
-    """SIGTERM/SIGINT ask the loop to stop after the current step (main thread only)."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum else ""
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def requested(self, world_size: int) -> bool:
-        if world_size == 1:
-            return self.signum is not None
-        flag = torch.tensor([self.signum or 0], dtype=torch.int64)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # every rank stops at the same step
-        self.signum = int(flag[0]) or None
-        return self.signum is not None
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _tag(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def _latest_tag(checkpoint_dir: Path) -> str | None:
-    latest = Path(checkpoint_dir) / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
-
-
-def _load_checkpoint(engine, checkpoint_dir: Path, tag: str) -> dict:
-    path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
-    if path is None or client_state is None:
-        raise RuntimeError(f"checkpoint {checkpoint_dir / tag} could not be loaded; delete {checkpoint_dir} to start over")
-    return client_state
-
-
-def _save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict, keep: int, rank: int, world_size: int) -> None:
-    """Write to `.tmp-<tag>`, rename to `<tag>`, then replace `latest`: a kill at any point leaves the
-    previous checkpoint current. Old tags beyond `keep` are removed."""
-    tag, tmp = _tag(step), f".tmp-{_tag(step)}"
-    engine.save_checkpoint(str(checkpoint_dir), tag=tmp, client_state=client_state, save_latest=False)
-    if world_size > 1:
-        torch.distributed.barrier()
-    if rank == 0:
-        final = checkpoint_dir / tag
-        if final.exists():
-            shutil.rmtree(final)
-        meta = {k: v for k, v in client_state.items() if k not in ("rng", "detector")}
-        (checkpoint_dir / tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        os.replace(checkpoint_dir / tmp, final)
-        latest_tmp = checkpoint_dir / "latest.tmp"
-        latest_tmp.write_text(tag)
-        os.replace(latest_tmp, checkpoint_dir / "latest")
-        for old in sorted(p for p in checkpoint_dir.glob("step*") if p.is_dir())[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    if world_size > 1:
-        torch.distributed.barrier()
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from lm_core.generate import SamplingConfig
 from lm_core.model import GPTConfig
 from lm_core.tokenizer import TokenizerConfig
 from lm_core.typed_config import ConfigError, build, to_dict
+from pipelines.neardup import NearDupConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -74,25 +75,6 @@ class QualityConfig:
     max_mean_word_length: float = 25.0
     max_dup_line_fraction: float = 0.7  # repeated non-blank lines / non-blank lines
     max_symbol_word_ratio: float = 0.5  # (words starting with '#', '...', '…') / words
-
-
-@dataclass
-class NearDupConfig:
-    num_perm: int = 128
-    bands: int = 32  # rows per band = num_perm / bands; 32 x 4 makes a J=0.8 pair a candidate with p > 0.999
-    threshold: float = 0.8  # estimated Jaccard of word n-gram shingles that makes a pair near duplicates
-    ngram: int = 5
-    seed: int = 1
-    max_bucket: int = 64
-
-    def validate(self) -> None:
-        if self.bands < 1 or self.num_perm % self.bands:
-            raise ConfigError(f"dedup.near.num_perm={self.num_perm} is not divisible by dedup.near.bands={self.bands}; "
-                              "set bands to a divisor of num_perm")
-        if not 0 < self.threshold <= 1:
-            raise ConfigError(f"dedup.near.threshold={self.threshold} must be in (0, 1]")
-        if self.ngram < 1:
-            raise ConfigError(f"dedup.near.ngram={self.ngram} must be >= 1")
 
 
 @dataclass

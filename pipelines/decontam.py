@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.config import ConfigError, EvalSetConfig, SourceConfig
-from pipelines.neardup import MinHasher, MinHashParams, read_words
+from pipelines.neardup import MinHasher, NearDupConfig, read_words
 from pipelines.sources import check_source, read_source, source_fingerprint
 
 
@@ -53,7 +53,7 @@ def contaminated(con: Any, sql: str, n_docs: int, sets: list[EvalSetConfig], ngr
                  batch: int = 8192) -> dict[int, str]:
     """idx -> eval set name for each row of `sql` (idx 0..n_docs-1, text) sharing an n-gram with an eval
     set; the first set in config order names the reason."""
-    hasher = MinHasher(MinHashParams(ngram=ngram, num_perm=1, bands=1))
+    hasher = MinHasher(NearDupConfig(ngram=ngram, num_perm=1, bands=1))
     grams = [(es.name, eval_ngrams(con, es, hasher, downloads)) for es in sets]
     hits: dict[int, str] = {}
     for lo in range(0, n_docs, batch):

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from pipelines import catalog, decontam, incremental
 from pipelines.config import PipelineConfig
-from pipelines.neardup import MinHashParams, find_near_duplicates
+from pipelines.neardup import find_near_duplicates
 from pipelines.quality import STATS_SQL, reason_sql
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
@@ -34,12 +34,6 @@ STAGE, VERSION = "dedup", "2"
 
 def key(cfg: PipelineConfig, ingest: StageResult) -> str:
     return stage_key(STAGE, VERSION, cfg.dedup, [ingest], extra=decontam.fingerprint(cfg.dedup.decontaminate) or None)
-
-
-def near_params(cfg: PipelineConfig) -> MinHashParams:
-    n = cfg.dedup.near
-    return MinHashParams(num_perm=n.num_perm, bands=n.bands, ngram=n.ngram, threshold=n.threshold,
-                         seed=n.seed, max_bucket=n.max_bucket)
 
 
 def run(cfg: PipelineConfig, ws: Workspace, ingest: StageResult, force: bool = False) -> StageResult:
@@ -155,7 +149,7 @@ def _near(con: Any, snapshot: str, cfg: PipelineConfig, base: tuple[str, str] | 
                        SELECT w.idx, d.text FROM dedup_work w JOIN documents d ON d.doc_id = w.doc_id
                        WHERE d.snapshot = '{}' AND w.is_ref""".format(snapshot.replace("'", "")))
         ref_bands, ref_texts = "SELECT idx, band, bucket FROM dedup_ref_bands", "SELECT idx, text FROM dedup_ref_texts"
-    result = find_near_duplicates(con, "SELECT idx, text FROM dedup_near_input", n_docs, near_params(cfg),
+    result = find_near_duplicates(con, "SELECT idx, text FROM dedup_near_input", n_docs, cfg.dedup.near,
                                   n_reference=n_ref, reference_bands_sql=ref_bands, reference_text_sql=ref_texts)
     if len(result.dropped):
         con.register("near_batch", pa.table({"idx": result.dropped.astype(np.int64),

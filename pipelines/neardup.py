@@ -23,16 +23,20 @@ from typing import Any
 
 import numpy as np
 
+from lm_core.typed_config import ConfigError
+
 MAX_HASH = np.uint64(0xFFFFFFFF)
 _WORDS_SQL = r"""list_transform(regexp_extract_all(lower({col}), '[\pL\pN_]+'), lambda w: hash(w))"""
 
 
 @dataclass(frozen=True)
-class MinHashParams:
+class NearDupConfig:
+    """The `dedup.near` section of the pipeline config."""
+
     num_perm: int = 128
-    bands: int = 32
+    bands: int = 32  # rows per band = num_perm / bands; 32 x 4 makes a J=0.8 pair a candidate with p > 0.999
+    threshold: float = 0.8  # Jaccard of word n-gram shingles that makes a pair near duplicates
     ngram: int = 5
-    threshold: float = 0.8
     seed: int = 1
     max_bucket: int = 64  # a bucket with more members pairs each with its first member only
     screen_margin: float = 0.15  # candidates estimated below threshold - margin skip the exact check
@@ -42,19 +46,19 @@ class MinHashParams:
         return self.num_perm // self.bands
 
     def validate(self) -> None:
-        if self.num_perm % self.bands:
-            raise ValueError(f"num_perm={self.num_perm} is not divisible by bands={self.bands}; "
-                             "pick bands that divide num_perm (rows per band = num_perm / bands)")
+        if self.bands < 1 or self.num_perm % self.bands:
+            raise ConfigError(f"dedup.near.num_perm={self.num_perm} is not divisible by dedup.near.bands={self.bands}; "
+                              "set bands to a divisor of num_perm (rows per band = num_perm / bands)")
         if not 0 < self.threshold <= 1:
-            raise ValueError(f"threshold={self.threshold} must be in (0, 1]")
+            raise ConfigError(f"dedup.near.threshold={self.threshold} must be in (0, 1]")
         if self.ngram < 1:
-            raise ValueError(f"ngram={self.ngram} must be >= 1")
+            raise ConfigError(f"dedup.near.ngram={self.ngram} must be >= 1")
 
 
 class MinHasher:
     """Signatures for batches of documents given as DuckDB rows (idx, text)."""
 
-    def __init__(self, params: MinHashParams):
+    def __init__(self, params: NearDupConfig):
         params.validate()
         self.params = params
         rng = np.random.default_rng(params.seed)
@@ -247,7 +251,7 @@ class NearDupResult:
     bands: np.ndarray | None = None
 
 
-def find_near_duplicates(con: Any, sql: str, n_docs: int, params: MinHashParams, batch: int = 8192,
+def find_near_duplicates(con: Any, sql: str, n_docs: int, params: NearDupConfig, batch: int = 8192,
                          n_reference: int = 0, reference_bands_sql: str | None = None,
                          reference_text_sql: str | None = None) -> NearDupResult:
     """Near duplicates among the rows of `sql` (columns idx 0..n_docs-1, text).

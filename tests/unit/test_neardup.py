@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines.neardup import MinHasher, MinHashParams, components, find_near_duplicates, read_words
+from pipelines.neardup import MinHasher, NearDupConfig, components, find_near_duplicates, read_words
 
 DOCS = [inspect.getdoc(f) for f in (json.dumps, json.loads, shutil.copytree, shutil.rmtree, textwrap.wrap,
                                     textwrap.fill, textwrap.dedent, re.sub, re.compile, random.shuffle)]
@@ -47,7 +47,7 @@ def table(texts: list[str]):
 
 def find(texts: list[str], **kw):
     con = table(texts)
-    return find_near_duplicates(con, "SELECT idx, text FROM docs", len(texts), MinHashParams(**kw), batch=4)
+    return find_near_duplicates(con, "SELECT idx, text FROM docs", len(texts), NearDupConfig(**kw), batch=4)
 
 
 def test_planted_near_duplicate_and_exact_copy_are_found():
@@ -88,13 +88,13 @@ def test_survivor_is_the_smallest_idx_and_clusters_are_transitive():
 def test_signature_estimate_tracks_true_jaccard_and_is_deterministic():
     con = table(DOCS + [edit(LONG, [10, 50, 90])])
     _, w, o = read_words(con, "SELECT idx, text FROM docs")
-    h = MinHasher(MinHashParams(num_perm=256, bands=32))
+    h = MinHasher(NearDupConfig(num_perm=256, bands=32))
     sig = h.signatures(w, o)
     assert sig.shape == (11, 256) and sig.dtype == np.uint32
     est = (sig[0] == sig[10]).mean()
     assert abs(est - true_jaccard(LONG, edit(LONG, [10, 50, 90]))) < 0.1
     assert (sig[0] == sig[1]).mean() < 0.1  # unrelated docs share almost no minima
-    np.testing.assert_array_equal(sig, MinHasher(MinHashParams(num_perm=256, bands=32)).signatures(w, o))
+    np.testing.assert_array_equal(sig, MinHasher(NearDupConfig(num_perm=256, bands=32)).signatures(w, o))
     values, offsets = h.shingle_sets(w, o)
     sig2 = h.signatures(w, o, shingled=(values, offsets))
     np.testing.assert_array_equal(sig, sig2)
@@ -106,7 +106,7 @@ def test_short_and_empty_documents():
     assert r.dropped.tolist() == [1] and r.survivor.tolist() == [0]  # short docs are one shingle
     con = table(["", "a b c"])
     _, w, o = read_words(con, "SELECT idx, text FROM docs")
-    sig = MinHasher(MinHashParams()).signatures(w, o)
+    sig = MinHasher(NearDupConfig()).signatures(w, o)
     assert (sig[0] == np.uint32(0xFFFFFFFF)).all() and not (sig[1] == np.uint32(0xFFFFFFFF)).all()
 
 
@@ -119,17 +119,17 @@ def test_components_label_is_the_smallest_member():
 
 def test_bad_parameters_are_refused():
     with pytest.raises(ValueError, match="not divisible"):
-        MinHasher(MinHashParams(num_perm=128, bands=7))
+        MinHasher(NearDupConfig(num_perm=128, bands=7))
     with pytest.raises(ValueError, match="threshold"):
-        MinHasher(MinHashParams(threshold=1.5))
+        MinHasher(NearDupConfig(threshold=1.5))
 
 
 def test_empty_inputs_and_gaps_in_idx():
     con = table(["", "   ", LONG, "unrelated words only here", LONG])
-    r = find_near_duplicates(con, "SELECT idx, text FROM docs WHERE idx > 9", 5, MinHashParams())
+    r = find_near_duplicates(con, "SELECT idx, text FROM docs WHERE idx > 9", 5, NearDupConfig())
     assert len(r.dropped) == 0 and r.candidates == 0
     # idx 1..3 absent (as when earlier steps dropped them), batches of 2 with an empty one in between
-    r = find_near_duplicates(con, "SELECT idx, text FROM docs WHERE idx IN (0, 4)", 5, MinHashParams(), batch=2)
+    r = find_near_duplicates(con, "SELECT idx, text FROM docs WHERE idx IN (0, 4)", 5, NearDupConfig(), batch=2)
     assert len(r.dropped) == 0  # "" has no words: it matches nothing
-    r = find_near_duplicates(con, "SELECT idx, text FROM docs WHERE idx IN (2, 4)", 5, MinHashParams(), batch=2)
+    r = find_near_duplicates(con, "SELECT idx, text FROM docs WHERE idx IN (2, 4)", 5, NearDupConfig(), batch=2)
     assert r.dropped.tolist() == [4] and r.survivor.tolist() == [2]
