@@ -34,7 +34,7 @@ import torch
 
 from lm_core.checkpoints import (SignalFlag, checkpoint_tag, latest_tag, load_checkpoint, rng_state, save_checkpoint,
                                  set_rng_state)
-from lm_core.loader import TokenLoader
+from lm_core.loader import TokenLoader, segment_ids
 from lm_core.model import GPT, GPTConfig
 from lm_core.shards import sequential_windows
 from lm_core.stability import EventLog, FaultInjector, SpikeDetector, StabilityConfig, TrainingDiverged
@@ -61,6 +61,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "bf16"
     zero_stage: int = 1
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    document_attention: bool = False  # attention stays inside each packed document (block-diagonal causal mask)
     compile: bool = False  # torch.compile the forward; falls back to eager if compiling fails
     seed: int = 1337
     log_every: int = 10
@@ -193,9 +194,14 @@ def train(
     checkpoint_dir: Path,
     tracker: Tracker,
     progress: Callable[[dict], None] | None = None,
+    bos_id: int | None = None,
 ) -> TrainResult:
+    """`bos_id` marks document starts in the shards; train.document_attention needs it."""
     import deepspeed
 
+    if cfg.document_attention and bos_id is None:
+        raise ValueError("train.document_attention=true needs the tokenizer's bos_id to find document starts; "
+                         "pass bos_id to lm_core.engine.train")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -278,8 +284,9 @@ def train(
                 if "corrupt_batch" in injected:
                     batch = FaultInjector.corrupt(batch, model_cfg.vocab_size, seed=step * accum + micro)
                 tokens = torch.from_numpy(batch).to(device)
+                segments = torch.from_numpy(segment_ids(batch, bos_id)).to(device) if cfg.document_attention else None
                 with autocast:
-                    _, loss = engine(tokens[:, :-1], tokens[:, 1:])
+                    _, loss = engine(tokens[:, :-1], tokens[:, 1:], segments=segments)
                 if "nan" in injected:
                     loss = loss * float("nan")
                 engine.backward(loss)

@@ -19,7 +19,8 @@ among the new ranks (the strided split makes the consumed set the same prefix of
 
 Document boundaries (optional, off by default): windows cross documents, as in GPT-2-style packing.
 `segment_ids(batch, bos_id)` numbers the documents inside each window (a new one starts at every bos),
-which is what a block-diagonal attention mask needs; the model does not consume it yet.
+and `train.document_attention=true` passes them to the model, whose attention then stays inside each
+document (block-diagonal causal mask; positions are not reset, which RoPE's relative form tolerates).
 """
 
 from __future__ import annotations

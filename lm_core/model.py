@@ -297,10 +297,14 @@ class GPT(nn.Module):
             self.rope_sin.copy_(sin)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *, kv_cache: KVCache | None = None,
-                reduction: str = "mean", pad: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                reduction: str = "mean", pad: Tensor | None = None,
+                segments: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """pad (B,) long, optional: each row's number of left-padding tokens, counted from position 0 (cache
         slot 0 with a cache). Padding slots are masked out as keys and a row's positions start after its
-        padding, so a left-padded row computes what it would alone (batched generation of unequal prompts)."""
+        padding, so a left-padded row computes what it would alone (batched generation of unequal prompts).
+
+        segments (B, T) int, optional, no cache: the document each token belongs to; a token then attends
+        only to earlier tokens of its own document (block-diagonal causal attention over packed windows)."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.cfg.block_size:
@@ -319,6 +323,12 @@ class GPT(nn.Module):
             # a padding query sees only itself, so no softmax row is all -inf (NaN would leak through 0 * v)
             mask = ((keys >= pad[:, None, None]) & (keys <= query)) | (keys == query)  # (B, T, S)
             mask = mask[:, None]  # (B, 1, T, S), broadcast over heads
+        if segments is not None:
+            if kv_cache is not None or pad is not None:
+                raise ValueError("segments (document-boundary attention) is for training windows: no kv_cache or pad")
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
+            same_doc = segments[:, :, None] == segments[:, None, :]  # (B, T, T); the diagonal keeps rows finite
+            mask = (causal[None] & same_doc)[:, None]  # (B, 1, T, T)
         if self.wpe is not None:
             x = x + self.wpe(positions)
         cos, sin = self.rope_cos, self.rope_sin  # empty without rope

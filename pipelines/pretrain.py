@@ -53,7 +53,8 @@ def run(cfg: PipelineConfig, ws: Workspace, shard: StageResult, tokenizer: Stage
         val_shards = open_split(shard.dir, "val", tok.sha256)
         tracker = MultiTracker(TensorBoardTracker(tb_dir), JsonlTracker(out / HISTORY_FILE))
         try:
-            result = train(cfg.model, cfg.train, train_shards, val_shards, checkpoints, tracker, progress)
+            result = train(cfg.model, cfg.train, train_shards, val_shards, checkpoints, tracker, progress,
+                           bos_id=tok.bos_id)
         finally:
             tracker.close()
             # also when training diverged or was interrupted: the table says what happened

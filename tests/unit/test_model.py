@@ -207,3 +207,30 @@ def test_backward_reaches_all_parameters():
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
+
+
+def test_document_segments_keep_attention_inside_each_document():
+    # RoPE attention depends on relative positions only, so a document packed after another must give
+    # the logits it gives alone once attention cannot cross the boundary.
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32)).eval()
+    first, second = torch.randint(0, 64, (1, 7)), torch.randint(0, 64, (1, 9))
+    packed = torch.cat([first, second], dim=1)  # (1, 16)
+    segments = torch.tensor([[0] * 7 + [1] * 9])
+    with torch.no_grad():
+        logits, _ = model(packed, segments=segments)
+        alone, _ = model(second)
+        crossing, _ = model(packed)  # without segments the second document sees the first
+        changed = packed.clone()
+        changed[0, 3] = (changed[0, 3] + 1) % 64
+        logits_changed, _ = model(changed, segments=segments)
+    torch.testing.assert_close(logits[:, 7:], alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(crossing[:, 7:], alone, atol=1e-3)
+    torch.testing.assert_close(logits_changed[:, 7:], logits[:, 7:], atol=1e-6, rtol=0)
+
+
+def test_segments_refuse_a_cache():
+    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=4, n_embd=32))
+    cache = KVCache(model.cfg, batch_size=1, max_len=8)
+    with pytest.raises(ValueError, match="segments"):
+        model(torch.zeros(1, 4, dtype=torch.long), kv_cache=cache, segments=torch.zeros(1, 4, dtype=torch.long))
