@@ -77,11 +77,11 @@ class Workspace:
         return self.root / "LATEST_EXPORT"
 
     @contextlib.contextmanager
-    def duckdb(self) -> Iterator[Any]:
+    def duckdb(self, read_only: bool = False) -> Iterator[Any]:
         import duckdb
 
         self.root.mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(str(self.catalog))
+        con = duckdb.connect(str(self.catalog), read_only=read_only)
         try:
             yield con
         finally:

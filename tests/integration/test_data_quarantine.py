@@ -85,15 +85,8 @@ def data(corpus):
     return cfg, run_pipeline(cfg, only="split"), expected
 
 
-@contextlib.contextmanager
 def catalog(cfg):
-    import duckdb
-
-    con = duckdb.connect(str(Workspace(cfg.workspace).catalog), read_only=True)
-    try:
-        yield con
-    finally:
-        con.close()
+    return Workspace(cfg.workspace).duckdb(read_only=True)
 
 
 def test_only_the_data_stages_ran(data):

@@ -4,7 +4,6 @@ every snapshot in the catalog."""
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import re
@@ -48,13 +47,8 @@ def config(root, *overrides):
                                 f"ingest.sources=[{{kind: text_dir, path: {root / 'texts'}, doc_chars: 0}}]", *overrides])
 
 
-@contextlib.contextmanager
 def catalog(cfg):
-    con = duckdb.connect(str(Workspace(cfg.workspace).catalog), read_only=True)
-    try:
-        yield con
-    finally:
-        con.close()
+    return Workspace(cfg.workspace).duckdb(read_only=True)
 
 
 def statuses(cfg, result) -> dict[str, tuple]:

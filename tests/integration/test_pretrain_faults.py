@@ -21,25 +21,13 @@ import torch
 
 from lm_core.engine import EVENTS_FILE, TrainConfig, train
 from lm_core.model import GPTConfig
-from lm_core.shards import ShardWriter, open_split, write_index
+from lm_core.shards import open_split
 from lm_core.stability import StabilityConfig, TrainingDiverged, read_events
 from lm_core.tracking import JsonlTracker, read_history
+from shard_fixtures import write_counting_shards
 
 VOCAB, BLOCK = 64, 32
 MODEL = GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32)
-
-
-def write_counting_shards(out: Path) -> Path:
-    rng = np.random.default_rng(0)
-    infos = []
-    for split, n_docs in (("train", 200), ("val", 20)):
-        writer = ShardWriter(out, split, tokens_per_shard=3000, vocab_size=VOCAB, bos_id=1, eos_id=2)
-        for _ in range(n_docs):
-            start = int(rng.integers(0, 60))
-            writer.add([4 + (start + j) % 60 for j in range(40)], num_bytes=40)
-        infos += writer.close()
-    write_index(out, infos, "0" * 64, VOCAB)
-    return out
 
 
 def config(**overrides) -> TrainConfig:

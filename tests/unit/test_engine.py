@@ -9,14 +9,14 @@ from __future__ import annotations
 import math
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
 from lm_core.engine import TrainConfig, deepspeed_config, train
 from lm_core.model import GPT, GPTConfig
-from lm_core.shards import ShardWriter, open_split, write_index
+from lm_core.shards import open_split
 from lm_core.tracking import JsonlTracker, read_history
+from shard_fixtures import write_counting_shards
 
 # --- TrainConfig ------------------------------------------------------------------------------------
 
@@ -106,16 +106,7 @@ def train_config(**overrides) -> TrainConfig:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Documents that count upward mod 60 from a random start: learnable (next = this + 1), never trivial."""
-    out = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-    infos = []
-    for split, n_docs in (("train", 200), ("val", 20)):
-        writer = ShardWriter(out, split, tokens_per_shard=3000, vocab_size=VOCAB, bos_id=1, eos_id=2)
-        for _ in range(n_docs):
-            start = int(rng.integers(0, 60))
-            writer.add([4 + (start + j) % 60 for j in range(40)], num_bytes=40)
-        infos += writer.close()
-    write_index(out, infos, "0" * 64, VOCAB)
+    out = write_counting_shards(tmp_path_factory.mktemp("shards"), VOCAB)
     return open_split(out, "train"), open_split(out, "val")
 
 
