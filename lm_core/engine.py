@@ -71,6 +71,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     num_threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     peak_tflops: float = 0.0  # for MFU; 0 skips it, < 0 measures a matmul peak at start
+    # ranks: 1 trains in the calling process; more start `launcher` on this node (or on every node of a
+    # DeepSpeed hostfile: `host slots=N` lines), see lm_core.launch
+    nproc_per_node: int = 1
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    hostfile: str = ""  # multi-node: DeepSpeed's launcher only
     stability: StabilityConfig = field(default_factory=StabilityConfig)
 
     def validate(self) -> None:
@@ -92,7 +97,22 @@ class TrainConfig:
             raise ValueError(f"train.schedule={self.schedule!r} is not supported; set train.schedule to cosine or wsd")
         if not 0 <= self.decay_fraction <= 1:
             raise ValueError(f"train.decay_fraction={self.decay_fraction} must be in [0, 1]")
+        if self.nproc_per_node < 1:
+            raise ValueError(f"train.nproc_per_node={self.nproc_per_node} must be >= 1")
+        if self.launcher not in ("torchrun", "deepspeed"):
+            raise ValueError(f"train.launcher={self.launcher!r} is not supported; set train.launcher to torchrun or deepspeed")
+        if self.hostfile and self.launcher != "deepspeed":
+            raise ValueError("train.hostfile needs DeepSpeed's launcher (torchrun takes no hostfile); "
+                             "set train.launcher=deepspeed")
+        if self.hostfile and (small := {h: n for h, n in read_hostfile(self.hostfile).items() if n < self.nproc_per_node}):
+            raise ValueError(f"train.hostfile gives {small} slots, fewer than train.nproc_per_node={self.nproc_per_node}; "
+                             "lower train.nproc_per_node or raise the slots")
+        self.grad_accum_steps(self.world_size())
         self.stability.validate()
+
+    def world_size(self) -> int:
+        """Ranks in all: nproc_per_node on each node of the hostfile (one node without one)."""
+        return self.nproc_per_node * (len(read_hostfile(self.hostfile)) if self.hostfile else 1)
 
     def grad_accum_steps(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
@@ -118,6 +138,26 @@ class TrainConfig:
         progress = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
         cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine
+
+
+def read_hostfile(path: str | Path) -> dict[str, int]:
+    """DeepSpeed's hostfile: one `hostname slots=N` per line (# comments): {host: slots}."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"train.hostfile={str(path)!r} does not exist; write one `hostname slots=N` line per node "
+                         "(see infra/hostfile.example) or unset train.hostfile")
+    hosts: dict[str, int] = {}
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].startswith("slots=") or not parts[1][6:].isdigit():
+            raise ValueError(f"{path}:{number}: {raw.strip()!r} is not `hostname slots=N`")
+        hosts[parts[0]] = int(parts[1][6:])
+    if not hosts:
+        raise ValueError(f"train.hostfile={str(path)!r} names no host; add `hostname slots=N` lines")
+    return hosts
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:

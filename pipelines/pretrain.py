@@ -4,6 +4,10 @@ TensorBoard logs go to `tensorboard/<key>/` and DeepSpeed checkpoints to `checkp
 interrupted run of the same key resumes from its last checkpoint; the stage output is the final model
 directory (safetensors), the metric history and the training events (spikes, skipped updates,
 rollbacks, interruptions), which also land in the DuckDB catalog as table `training_events`.
+
+World size 1 (the default) trains in this process. With `train.nproc_per_node` > 1, or a DeepSpeed
+`train.hostfile` for several nodes, the stage starts the ranks through torchrun or DeepSpeed's launcher
+(`lm_core.launch`) and streams their output into this stage's log; rank 0 writes the same outputs.
 """
 
 from __future__ import annotations
@@ -12,13 +16,16 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
-from lm_core.engine import EVENTS_FILE, train
+from lm_core.engine import EVENTS_FILE, TrainResult, train
+from lm_core.launch import TrainJob, run_ranks
 from lm_core.shards import open_split
 from lm_core.stability import read_events
 from lm_core.tokenizer import Tokenizer
 from lm_core.tracking import JsonlTracker, MultiTracker, TensorBoardTracker
+from lm_core.typed_config import to_dict
 from lm_core.weights import save_model_dir
 from pipelines import tokenizer as tokenizer_stage
 from pipelines.config import PipelineConfig
@@ -49,21 +56,18 @@ def run(cfg: PipelineConfig, ws: Workspace, shard: StageResult, tokenizer: Stage
             shutil.rmtree(checkpoints, ignore_errors=True)
             shutil.rmtree(tb_dir, ignore_errors=True)
         tok = Tokenizer(tokenizer_stage.model_path(tokenizer))
-        train_shards = open_split(shard.dir, "train", tok.sha256)
-        val_shards = open_split(shard.dir, "val", tok.sha256)
-        tracker = MultiTracker(TensorBoardTracker(tb_dir), JsonlTracker(out / HISTORY_FILE))
         try:
-            result = train(cfg.model, cfg.train, train_shards, val_shards, checkpoints, tracker, progress,
-                           bos_id=tok.bos_id)
+            if cfg.train.world_size() == 1:
+                result = _train_here(cfg, shard, tok, tokenizer_stage.model_path(tokenizer), checkpoints, tb_dir, out, progress)
+            else:
+                result = _train_on_ranks(cfg, shard, tok, tokenizer_stage.model_path(tokenizer), checkpoints, tb_dir, out)
         finally:
-            tracker.close()
             # also when training diverged or was interrupted: the table says what happened
             events = read_events(checkpoints / EVENTS_FILE)
             record_events(ws, pretrain_key, events)
         (out / EVENTS_FILE).write_text("".join(json.dumps(e) + "\n" for e in events))
-        save_model_dir(result.model, tokenizer_stage.model_path(tokenizer), out / MODEL_DIR,
-                       extra={"tokenizer_sha256": tok.sha256})
         return {
+            "world_size": cfg.train.world_size(),
             "params": cfg.model.num_params(),
             "steps": result.steps,
             "tokens": result.tokens,
@@ -81,6 +85,32 @@ def run(cfg: PipelineConfig, ws: Workspace, shard: StageResult, tokenizer: Stage
         }
 
     return run_stage(ws, STAGE, pretrain_key, build, force)
+
+
+def _train_here(cfg: PipelineConfig, shard: StageResult, tok: Tokenizer, tokenizer_path: Path, checkpoints: Path,
+                tb_dir: Path, out: Path, progress: Callable[[dict], None]) -> TrainResult:
+    """World size 1: train in this process, then save the model directory."""
+    train_shards = open_split(shard.dir, "train", tok.sha256)
+    val_shards = open_split(shard.dir, "val", tok.sha256)
+    tracker = MultiTracker(TensorBoardTracker(tb_dir), JsonlTracker(out / HISTORY_FILE))
+    try:
+        result = train(cfg.model, cfg.train, train_shards, val_shards, checkpoints, tracker, progress, bos_id=tok.bos_id)
+    finally:
+        tracker.close()
+    save_model_dir(result.model, tokenizer_path, out / MODEL_DIR, extra={"tokenizer_sha256": tok.sha256})
+    return result
+
+
+def _train_on_ranks(cfg: PipelineConfig, shard: StageResult, tok: Tokenizer, tokenizer_path: Path, checkpoints: Path,
+                    tb_dir: Path, out: Path) -> SimpleNamespace:
+    """World size > 1: the configured launcher starts the ranks; rank 0 saves the model directory."""
+    job = TrainJob(model=to_dict(cfg.model), train=to_dict(cfg.train), shard_dir=str(shard.dir),
+                   tokenizer_path=str(tokenizer_path), tokenizer_sha256=tok.sha256, bos_id=tok.bos_id,
+                   checkpoint_dir=str(checkpoints), tensorboard_dir=str(tb_dir), history_path=str(out / HISTORY_FILE),
+                   model_dir=str(out / MODEL_DIR), result_path=str(out / "ranks_result.json"),
+                   model_extra={"tokenizer_sha256": tok.sha256})
+    numbers = run_ranks(job, out / "train_job.json", on_line=lambda line: log.info("[ranks] %s", line))
+    return SimpleNamespace(**numbers)
 
 
 def record_events(ws: Workspace, pretrain_key: str, events: list[dict[str, Any]]) -> int:

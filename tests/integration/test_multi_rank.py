@@ -1,0 +1,90 @@
+"""The pretrain stage on 2 ranks: it starts them through torchrun or DeepSpeed's launcher, rank 0 writes the
+stage's outputs, the consolidated weights load, and training matches a 1-rank run of the same config."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm_core.weights import load_model_dir
+from pipelines import pretrain
+from pipelines.config import load_config
+from pipelines.runner import run_pipeline
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    """The tiny pipeline up to pretrain, in-process (world size 1): the reference and the shared upstream."""
+    ws = tmp_path_factory.mktemp("ranks") / "ws"
+    cfg = load_config("tiny", [f"workspace={ws}", "train.precision=fp32"])
+    return cfg, run_pipeline(cfg, only="pretrain")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher,zero_stage", [("torchrun", 3), ("deepspeed", 2)])
+def test_pretrain_stage_on_two_ranks(one_rank, launcher, zero_stage):
+    cfg1, r1 = one_rank
+    overrides = [f"workspace={cfg1.workspace}", "train.precision=fp32", "train.nproc_per_node=2",
+                 f"train.launcher={launcher}", f"train.zero_stage={zero_stage}"]
+    cfg = load_config("tiny", overrides)
+    r = run_pipeline(cfg, only="pretrain")
+    assert r["shard"].key == r1["shard"].key and r["pretrain"].key != r1["pretrain"].key  # upstream reused
+    m = r["pretrain"].metrics
+    assert m["world_size"] == 2 and m["steps"] == cfg.train.max_steps
+    # the same global batch split over 2 ranks instead of 2 accumulation steps: the same training
+    assert math.isclose(m["final_train_loss"], r1["pretrain"].metrics["final_train_loss"], rel_tol=0.02)
+    model, _ = load_model_dir(pretrain.model_dir(r["pretrain"]))
+    if zero_stage == 3:  # the saved model is DeepSpeed's own fp32 consolidation of the sharded checkpoint
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        consolidated = get_fp32_state_dict_from_zero_checkpoint(m["checkpoint_dir"])
+        state = model.state_dict()
+        for name, tensor in consolidated.items():
+            assert torch.equal(tensor, state[name]), name
+    history = (r["pretrain"].dir / pretrain.HISTORY_FILE).read_text()
+    assert '"train/loss"' in history  # rank 0 reported; the other rank wrote nothing
+    assert len(list(Path(m["tensorboard_dir"]).glob("events.out.tfevents*"))) == 1  # one writer: rank 0
+
+
+def test_launch_commands(tmp_path):
+    from lm_core.engine import TrainConfig
+    from lm_core.launch import launch_command
+
+    job = tmp_path / "job.json"
+    torchrun = launch_command(TrainConfig(nproc_per_node=4), job, 29500)
+    assert torchrun[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node" in torchrun
+    assert torchrun[-3:] == ["-m", "lm_core.launch", str(job)]
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\nnode-a slots=8\nnode-b slots=8\n")
+    cfg = TrainConfig(nproc_per_node=8, global_batch_size=16, micro_batch_size=1, launcher="deepspeed", hostfile=str(hostfile))
+    assert cfg.world_size() == 16
+    ds = launch_command(cfg, job, 29500)
+    assert ds[1:3] == ["-m", "deepspeed.launcher.runner"]
+    assert ds[ds.index("--hostfile") + 1] == str(hostfile) and ds[ds.index("--num_nodes") + 1] == "2"
+    assert ds[ds.index("--master_addr") + 1] == "node-a" and ds[-3:] == ["--module", "lm_core.launch", str(job)]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(hostfile="x", launcher="torchrun"), "train.hostfile needs DeepSpeed's launcher"),
+    (dict(hostfile="/nonexistent/hostfile", launcher="deepspeed"), "does not exist"),
+    (dict(nproc_per_node=3), "micro_batch_size*world_size=8*3"),
+    (dict(launcher="mpirun"), "set train.launcher to torchrun or deepspeed"),
+])
+def test_launch_config_errors(overrides, message):
+    from lm_core.engine import TrainConfig
+
+    with pytest.raises(ValueError) as err:
+        TrainConfig(micro_batch_size=8, global_batch_size=16, **overrides).validate()
+    assert message in str(err.value)
+
+
+def test_bad_hostfile_line_is_named(tmp_path):
+    from lm_core.engine import read_hostfile
+
+    path = tmp_path / "hostfile"
+    path.write_text("node-a slots=2\nnode-b 4\n")
+    with pytest.raises(ValueError, match=r"hostfile:2: 'node-b 4' is not `hostname slots=N`"):
+        read_hostfile(path)
