@@ -36,7 +36,7 @@ from lm_core.checkpoints import (SignalFlag, checkpoint_tag, latest_tag, load_ch
                                  set_rng_state)
 from lm_core.loader import TokenLoader, segment_ids
 from lm_core.model import GPT, GPTConfig
-from lm_core.shards import sequential_windows
+from lm_core.shards import ShardDocuments, sequential_windows
 from lm_core.stability import EventLog, FaultInjector, SpikeDetector, StabilityConfig, TrainingDiverged
 from lm_core.tracking import Tracker
 
@@ -235,8 +235,10 @@ def train(
     tracker: Tracker,
     progress: Callable[[dict], None] | None = None,
     bos_id: int | None = None,
+    documents: ShardDocuments | None = None,
 ) -> TrainResult:
-    """`bos_id` marks document starts in the shards; train.document_attention needs it."""
+    """`bos_id` marks document starts in the shards; train.document_attention needs it. `documents` (the
+    train split's document tables) lets spike events name the documents of the window they skip."""
     import deepspeed
 
     if cfg.document_attention and bos_id is None:
@@ -319,8 +321,10 @@ def train(
             step_loss, grad_norm, verdict, update_ratio = 0.0, None, None, None
             lr_before = [g["lr"] for g in optimizer.param_groups]
             step_lr = scheduler.get_last_lr()[0]  # the rate this step uses; the scheduler advances in engine.step()
+            step_windows: list[int] = []  # this rank's loader windows of the step, for the events
             for micro in range(accum):
                 batch = next(loader)
+                step_windows.extend(loader.last_window_ids)
                 if "corrupt_batch" in injected:
                     batch = FaultInjector.corrupt(batch, model_cfg.vocab_size, seed=step * accum + micro)
                 tokens = torch.from_numpy(batch).to(device)
@@ -355,7 +359,7 @@ def train(
 
             if verdict is not None and verdict.action == "rollback":
                 spike_info = dict(metric=verdict.metric, value=verdict.value, threshold=verdict.threshold, window=window,
-                                  doc_ids=_doc_ids(loader, window))
+                                  doc_ids=_doc_ids(documents, loader, step_windows, world_size))
                 if verdict.reason == "persistent_spike" and latest_tag(checkpoint_dir) is None:
                     # nothing to roll back to: a shift that lasts is taken as the new normal (the update was dropped)
                     detector.rebaseline()
@@ -370,7 +374,7 @@ def train(
                 run.skipped_steps += 1
                 run.spike_windows.append(window)
                 event(done, verdict.reason, "skip_update", metric=verdict.metric, value=verdict.value,
-                      threshold=verdict.threshold, window=window, doc_ids=_doc_ids(loader, window))
+                      threshold=verdict.threshold, window=window, doc_ids=_doc_ids(documents, loader, step_windows, world_size))
             else:
                 run.spike_windows.clear()
                 run.loss = step_loss
@@ -556,10 +560,21 @@ def _compile_forward(model: GPT, model_cfg: GPTConfig, device: torch.device, eve
             events.write(0, "compile_fallback", "eager", detail=type(exc).__name__)
 
 
-def _doc_ids(loader, window: int) -> list:
-    """Document ids of a window's samples, when the loader can name them (TokenLoader does not yet)."""
-    describe = getattr(loader, "doc_ids", None)
-    return list(describe(window)) if callable(describe) else []
+def _doc_ids(documents: ShardDocuments | None, loader: TokenLoader, window_ids: list[int], world_size: int) -> list[str]:
+    """Ids of the documents every rank's samples of this step came from (sorted, unique); [] without tables.
+
+    Every rank reaches this together (the verdict is the same on all ranks), so the gather cannot hang."""
+    if documents is None:
+        return []
+    ids: set[str] = set()
+    for w in window_ids:
+        shard, start = loader.locate(w)
+        ids.update(documents.doc_ids(shard, start, start + loader.block_size + 1))
+    if world_size > 1:
+        gathered: list = [None] * world_size
+        torch.distributed.all_gather_object(gathered, sorted(ids))
+        ids = {d for part in gathered for d in part}
+    return sorted(ids)
 
 
 @torch.no_grad()

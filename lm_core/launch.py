@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lm_core.engine import train
     from lm_core.model import GPTConfig
-    from lm_core.shards import open_split
+    from lm_core.shards import open_documents, open_split
     from lm_core.tracking import JsonlTracker, MultiTracker, TensorBoardTracker
     from lm_core.typed_config import build
     from lm_core.weights import save_model_dir
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                if rank == 0 else MultiTracker())
     try:
         result = train(model_cfg, cfg, train_shards, val_shards, Path(job.checkpoint_dir), tracker,
-                       progress=_print_progress if rank == 0 else None, bos_id=job.bos_id)
+                       progress=_print_progress if rank == 0 else None, bos_id=job.bos_id,
+                       documents=open_documents(Path(job.shard_dir), "train", job.tokenizer_sha256))
     except TrainingInterrupted as exc:
         print(f"TrainingInterrupted: {exc}", flush=True)
         return EXIT_INTERRUPTED

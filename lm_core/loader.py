@@ -57,6 +57,7 @@ class TokenLoader:
             )
         self.epoch, self.position = 0, 0
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
+        self.last_window_ids: list[int] = []  # the windows of the last batch, in row order
 
     # --- order ------------------------------------------------------------------------------------
 
@@ -74,9 +75,13 @@ class TokenLoader:
 
     def window(self, window_id: int) -> np.ndarray:
         """The (block_size + 1)-token zero-copy view of one window."""
-        k = int(np.searchsorted(self._offsets, window_id, side="right")) - 1
-        start = (int(window_id) - int(self._offsets[k])) * self.block_size
+        k, start = self.locate(window_id)
         return self.shards[k][start : start + self.block_size + 1]
+
+    def locate(self, window_id: int) -> tuple[int, int]:
+        """(shard index, first token offset) of a window."""
+        k = int(np.searchsorted(self._offsets, window_id, side="right")) - 1
+        return k, (int(window_id) - int(self._offsets[k])) * self.block_size
 
     # --- batches ----------------------------------------------------------------------------------
 
@@ -86,10 +91,12 @@ class TokenLoader:
     def __next__(self) -> np.ndarray:
         out = np.empty((self.batch_size, self.block_size + 1), dtype=np.int64)
         filled = 0
+        self.last_window_ids = []
         while filled < self.batch_size:
             order = self.rank_order(self.epoch)
             take = min(self.batch_size - filled, self.samples_per_rank - self.position)
             self._gather(order[self.position : self.position + take], out[filled : filled + take])
+            self.last_window_ids.extend(order[self.position : self.position + take].tolist())
             filled += take
             self.position += take
             if self.position == self.samples_per_rank:

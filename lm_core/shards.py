@@ -6,6 +6,10 @@ batch with one column `tokens` (uint16 when the vocab fits, else uint32); docume
 counts, the first and last document id it holds, its sha256 and the tokenizer's sha256, plus totals
 per split. Readers memory-map the files (zero copy) after checking size and sha256, and refuse shards
 made with another tokenizer.
+
+When documents come with ids, each shard also gets `<split>_<nnnnn>.docs.arrow`: (doc_id, start) per
+document, start being the offset of its bos token. `ShardDocuments` answers "which documents does this
+token span hold" (a training window that spiked names the documents it was drawn from).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ if TYPE_CHECKING:
     from lm_core.tokenizer import Tokenizer
 
 INDEX_FILE = "index.json"
-FORMAT_VERSION = 2  # 2: per-shard doc id range and tokenizer hash
+FORMAT_VERSION = 3  # 2: per-shard doc id range and tokenizer hash; 3: per-shard document table (optional)
 
 
 class ShardError(RuntimeError):
@@ -42,6 +46,8 @@ class ShardInfo:
     sha256: str
     first_doc_id: str | None = None  # documents arrive in doc_id order, so these bound the shard's ids
     last_doc_id: str | None = None
+    docs_file: str | None = None  # (doc_id, start) per document, when the documents had ids
+    docs_sha256: str | None = None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -63,6 +69,8 @@ class ShardWriter:
         self._tokens = self._docs = self._bytes = 0
         self._first_doc: str | None = None
         self._last_doc: str | None = None
+        self._doc_ids: list[str] = []  # ids of the open shard's documents and their bos offsets in it
+        self._doc_starts: list[np.ndarray] = []
 
     def add(self, ids: Sequence[int] | np.ndarray, num_bytes: int, doc_id: str | None = None) -> None:
         self.add_batch([np.asarray(ids)], [num_bytes], None if doc_id is None else [doc_id])
@@ -85,6 +93,9 @@ class ShardWriter:
             last = done + int(np.searchsorted(filled, self.tokens_per_shard, side="left"))
             last = min(last, len(ids) - 1)
             begin = int(ends[done - 1]) if done else 0
+            if doc_ids is not None:  # bos offsets of these documents in the open shard
+                self._doc_ids.extend(doc_ids[done : last + 1])
+                self._doc_starts.append(ends[done : last + 1] - lengths[done : last + 1] - begin + self._tokens)
             self._parts.append(tokens[begin : int(ends[last])])
             self._tokens += int(ends[last]) - begin
             self._docs += last + 1 - done
@@ -109,10 +120,21 @@ class ShardWriter:
         with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, batch.schema) as writer:
             writer.write_batch(batch)
         os.replace(tmp, self.out_dir / name)
-        self.shards.append(ShardInfo(name, self.split, int(tokens.size), self._docs, self._bytes,
-                                     file_sha256(self.out_dir / name), self._first_doc, self._last_doc))
+        info = ShardInfo(name, self.split, int(tokens.size), self._docs, self._bytes, file_sha256(self.out_dir / name),
+                         self._first_doc, self._last_doc)
+        if self._doc_ids:
+            info.docs_file = name.replace(".arrow", ".docs.arrow")
+            starts = np.concatenate(self._doc_starts).astype(np.int64)
+            docs = pa.record_batch([pa.array(self._doc_ids, pa.string()), pa.array(starts)], names=["doc_id", "start"])
+            tmp = self.out_dir / f".{info.docs_file}.tmp"
+            with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, docs.schema) as writer:
+                writer.write_batch(docs)
+            os.replace(tmp, self.out_dir / info.docs_file)
+            info.docs_sha256 = file_sha256(self.out_dir / info.docs_file)
+        self.shards.append(info)
         self._parts, self._tokens, self._docs, self._bytes = [], 0, 0, 0
         self._first_doc = self._last_doc = None
+        self._doc_ids, self._doc_starts = [], []
 
 
 def encode_documents(tok: Tokenizer, writer: ShardWriter, batches: Iterable[list[tuple[str, str]]],
@@ -205,6 +227,37 @@ def open_shard(path: Path, sha256: str, num_tokens: int) -> np.ndarray:
     if tokens.size != num_tokens:
         raise ShardError(f"shard {path} holds {tokens.size} tokens, manifest says {num_tokens}; re-run the shard stage")
     return tokens
+
+
+class ShardDocuments:
+    """The documents of one split's shards: which document ids a token span of shard k holds."""
+
+    def __init__(self, tables: list[tuple[np.ndarray, np.ndarray]]):
+        self.tables = tables  # per shard: (doc ids (n,) object, bos offsets (n,) int64, ascending)
+
+    def doc_ids(self, shard: int, start: int, stop: int) -> list[str]:
+        """Ids of the documents overlapping tokens [start, stop) of shard `shard`, in order."""
+        ids, starts = self.tables[shard]
+        first = max(0, int(np.searchsorted(starts, start, side="right")) - 1)  # the one that holds `start`
+        last = int(np.searchsorted(starts, stop, side="left"))
+        return [str(d) for d in ids[first:last]]
+
+
+def open_documents(shard_dir: Path, split: str, tokenizer_sha256: str | None = None) -> ShardDocuments | None:
+    """The split's per-shard document tables (checksums verified), or None when the shards have none."""
+    index = read_index(shard_dir, tokenizer_sha256)
+    tables = []
+    for info in index["shards"]:
+        if info["split"] != split:
+            continue
+        if not info.get("docs_file"):
+            return None
+        path = Path(shard_dir) / info["docs_file"]
+        if not path.is_file() or file_sha256(path) != info["docs_sha256"]:
+            raise ShardError(f"document table {path} is missing or does not match its index checksum; re-run the shard stage")
+        batch = ipc.open_file(pa.memory_map(str(path), "r")).get_batch(0)
+        tables.append((batch.column(0).to_numpy(zero_copy_only=False), batch.column(1).to_numpy()))
+    return ShardDocuments(tables)
 
 
 def sequential_windows(shards: list[np.ndarray], block_size: int, max_windows: int | None = None) -> Iterator[np.ndarray]:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from lm_core.engine import EVENTS_FILE, TrainResult, train
 from lm_core.launch import TrainJob, run_ranks
-from lm_core.shards import open_split
+from lm_core.shards import open_documents, open_split
 from lm_core.stability import read_events
 from lm_core.tokenizer import Tokenizer
 from lm_core.tracking import JsonlTracker, MultiTracker, TensorBoardTracker
@@ -94,7 +94,8 @@ def _train_here(cfg: PipelineConfig, shard: StageResult, tok: Tokenizer, tokeniz
     val_shards = open_split(shard.dir, "val", tok.sha256)
     tracker = MultiTracker(TensorBoardTracker(tb_dir), JsonlTracker(out / HISTORY_FILE))
     try:
-        result = train(cfg.model, cfg.train, train_shards, val_shards, checkpoints, tracker, progress, bos_id=tok.bos_id)
+        result = train(cfg.model, cfg.train, train_shards, val_shards, checkpoints, tracker, progress, bos_id=tok.bos_id,
+                       documents=open_documents(shard.dir, "train", tok.sha256))
     finally:
         tracker.close()
     save_model_dir(result.model, tokenizer_path, out / MODEL_DIR, extra={"tokenizer_sha256": tok.sha256})

@@ -12,7 +12,7 @@ from pipelines import tokenizer as tokenizer_stage
 from pipelines.config import PipelineConfig
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
-STAGE, VERSION = "shard", "2"  # 2: index format 2 (per-shard doc id range and tokenizer hash)
+STAGE, VERSION = "shard", "3"  # 2: per-shard doc id range and tokenizer hash; 3: per-shard document tables
 
 
 def key(cfg: PipelineConfig, split: StageResult, tokenizer: StageResult) -> str:

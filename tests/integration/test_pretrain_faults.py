@@ -21,7 +21,7 @@ import torch
 
 from lm_core.engine import EVENTS_FILE, TrainConfig, train
 from lm_core.model import GPTConfig
-from lm_core.shards import open_split
+from lm_core.shards import open_documents, open_split
 from lm_core.stability import StabilityConfig, TrainingDiverged, read_events
 from lm_core.tracking import JsonlTracker, read_history
 from shard_fixtures import write_counting_shards
@@ -41,7 +41,7 @@ def config(**overrides) -> TrainConfig:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = write_counting_shards(tmp_path_factory.mktemp("shards"))
-    return open_split(out, "train"), open_split(out, "val")
+    return open_split(out, "train"), open_split(out, "val"), open_documents(out, "train")
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +54,7 @@ def restore_torch_threads():
 def run_train(cfg, shards, ckpt: Path):
     tracker = JsonlTracker(ckpt.parent / f"{ckpt.name}-history.jsonl")
     try:
-        return train(MODEL, cfg, shards[0], shards[1], ckpt, tracker)
+        return train(MODEL, cfg, shards[0], shards[1], ckpt, tracker, documents=shards[2])
     finally:
         tracker.close()
 
@@ -78,6 +78,10 @@ def test_corrupted_batch_is_a_spike_whose_update_is_skipped(faulty_run):
     spike = [e for e in by_kind(events, "spike") if e["metric"] == "loss"]
     assert len(spike) == 1 and spike[0]["step"] == 26 and spike[0]["action"] == "skip_update"
     assert spike[0]["value"] > spike[0]["threshold"] > 0
+    # the documents its 8 windows of 33 tokens were cut from (42-token documents: 1 or 2 per window; the
+    # seeded order fixes which, and windows may share documents)
+    doc_ids = spike[0]["doc_ids"]
+    assert 4 <= len(doc_ids) <= 16 and all(d.startswith("train-") for d in doc_ids) and doc_ids == sorted(set(doc_ids))
     ratios = {h["step"]: h["metrics"]["train/update_ratio"] for h in history if "train/update_ratio" in h.get("metrics", {})}
     assert ratios[26] == 0.0  # the weights did not move on the skipped step
     assert ratios[25] > 0 and ratios[27] > 0
@@ -163,7 +167,7 @@ import torch
 torch.set_num_threads(1)
 from lm_core.engine import TrainConfig, train
 from lm_core.model import GPTConfig
-from lm_core.shards import open_split
+from lm_core.shards import open_documents, open_split
 from lm_core.tracking import JsonlTracker
 shards, ckpt, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 """ + SCRIPT_CONFIG + """

@@ -179,3 +179,14 @@ def test_segment_ids_number_documents_inside_a_window():
     batch = np.array([[7, 8, 1, 9, 9, 1, 5], [1, 4, 4, 4, 4, 4, 4]])  # (B=2, T+1=7)
     np.testing.assert_array_equal(segment_ids(batch, BOS), [[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 0, 0]])
     assert segment_ids(batch, BOS).dtype == np.int32
+
+
+def test_last_window_ids_locate_the_rows_of_the_last_batch():
+    shards = shards_of(30, 50)
+    loader = TokenLoader(shards, T, batch_size=5, seed=3)
+    for _ in range(6):  # crosses an epoch boundary (19 windows per epoch)
+        batch = next(loader)
+        assert len(loader.last_window_ids) == 5
+        for row, window_id in zip(batch, loader.last_window_ids):
+            k, start = loader.locate(window_id)
+            assert (row == shards[k][start : start + T + 1]).all()

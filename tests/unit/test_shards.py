@@ -11,6 +11,7 @@ from lm_core.shards import (
     INDEX_FILE,
     ShardError,
     ShardWriter,
+    open_documents,
     open_split,
     read_index,
     sequential_windows,
@@ -65,8 +66,9 @@ def test_small_tokens_per_shard_gives_several_shards(shard_dir):
     # 22 tokens per doc; a shard is written once it holds >= 50 tokens, so docs are never cut
     assert [s["file"] for s in train] == ["train_00000.arrow", "train_00001.arrow"]
     assert [(s["num_tokens"], s["num_docs"], s["num_bytes"]) for s in train] == [(66, 3, 180), (66, 3, 180)]
-    assert sorted(p.name for p in shard_dir.iterdir()) == [INDEX_FILE, "train_00000.arrow", "train_00001.arrow",
-                                                           "val_00000.arrow"]
+    assert sorted(p.name for p in shard_dir.iterdir()) == [INDEX_FILE, "train_00000.arrow", "train_00000.docs.arrow",
+                                                           "train_00001.arrow", "train_00001.docs.arrow",
+                                                           "val_00000.arrow", "val_00000.docs.arrow"]
 
 
 def test_index_records_doc_id_range_and_tokenizer_per_shard(shard_dir):
@@ -77,7 +79,7 @@ def test_index_records_doc_id_range_and_tokenizer_per_shard(shard_dir):
         ("val_00000.arrow", "val-000", "val-001"),
     ]
     assert all(s["tokenizer_sha256"] == SHA for s in shards)
-    assert read_index(shard_dir)["format"] == 2
+    assert read_index(shard_dir)["format"] == 3
 
 
 @pytest.mark.parametrize("batch_docs", [1, 2, 5, 64])
@@ -202,3 +204,41 @@ def test_sequential_windows_drop_the_partial_tail_and_respect_max_windows():
     assert len(list(sequential_windows([flat], 4))) == 2
     assert len(list(sequential_windows([flat], 4, max_windows=1))) == 1
     assert list(sequential_windows([flat[:4]], 4)) == []  # shorter than one window
+
+
+def test_document_tables_name_the_documents_of_any_token_span(tmp_path):
+    """Documents of several lengths, added one by one and in batches, across shard boundaries."""
+    out = tmp_path / "shards"
+    rng = np.random.default_rng(0)
+    documents = [list(range(10, 10 + int(n))) for n in rng.integers(1, 30, size=40)]
+    writer = ShardWriter(out, "train", 60, 4096, BOS, EOS)
+    writer.add_batch([np.array(d) for d in documents[:25]], [1] * 25, [f"doc-{i:02d}" for i in range(25)])
+    for i, d in enumerate(documents[25:], 25):
+        writer.add(d, 1, doc_id=f"doc-{i:02d}")
+    write_index(out, writer.close(), SHA, 4096)
+    shards, tables = open_split(out, "train"), open_documents(out, "train", SHA)
+    assert len(shards) > 3 and len(tables.tables) == len(shards)
+    for k, tokens in enumerate(shards):
+        ids, starts = tables.tables[k]
+        assert (tokens[starts] == BOS).all() and np.count_nonzero(tokens == BOS) == len(starts)
+        # brute force: the document of every token is the last bos at or before it
+        owner = np.cumsum(tokens == BOS) - 1
+        for start, stop in [(0, 1), (0, tokens.size), (5, 17), (tokens.size - 3, tokens.size)]:
+            expected = [str(ids[i]) for i in sorted(set(owner[start:stop].tolist()))]
+            assert tables.doc_ids(k, start, stop) == expected
+    all_ids = [str(d) for ids, _ in tables.tables for d in ids]
+    assert all_ids == [f"doc-{i:02d}" for i in range(40)]
+
+
+def test_document_table_checksum_and_absence(shard_dir, tmp_path):
+    assert open_documents(shard_dir, "val") is not None
+    index = read_index(shard_dir)
+    table = shard_dir / index["shards"][0]["docs_file"]
+    table.write_bytes(table.read_bytes()[:-8])
+    with pytest.raises(ShardError, match="re-run the shard stage"):
+        open_documents(shard_dir, "train")
+    plain = tmp_path / "plain"  # shards written without document ids have no tables
+    writer = ShardWriter(plain, "train", 100, 4096, BOS, EOS)
+    writer.add([5, 6, 7], 3)
+    write_index(plain, writer.close(), SHA, 4096)
+    assert open_documents(plain, "train") is None
