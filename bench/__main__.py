@@ -13,10 +13,12 @@ from pathlib import Path
 BENCHMARKS = {
     "pipeline": ("bench.pipeline", "stage timings of the whole flow; ratio = warm rerun / cold run"),
     "train_step": ("bench.train_step", "pretrain tokens/s, ZeRO 0/1/2 x fp32/bf16; ratio = engine / plain PyTorch loop"),
+    "zero_memory": ("bench.zero_memory", "per-rank memory, 2 ranks, ZeRO 0-3 on ~50M params; ratio = ZeRO-3 / ZeRO-0"),
     "generate": ("bench.generate", "decode tokens/s; ratio = KV cache / recompute at 512 new tokens (+ batch, + HF)"),
     "serve": ("bench.serve", "HTTP server req/s and p50/p95 latency; ratio = 8 concurrent clients / 1 client"),
     "tokenize": ("bench.tokenize", "shard-stage encode MB/s; ratio = vs raw 1-thread SentencePiece encode"),
     "loader": ("bench.loader", "training loader samples/s; ratio = vs flat np.memmap random windows"),
+    "quantize": ("bench.quantize", "fp32 vs bf16 vs int8 weights: memory, decode tokens/s, val bpb; ratio = int8 / fp32 bytes"),
     "dedup": ("bench.dedup", "near-dup docs/s, recall/precision on planted pairs; ratio = vs datasketch MinHash+LSH"),
 }
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -14,6 +14,7 @@ tag and renamed into place, and SIGTERM/SIGINT finish the current step, checkpoi
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import importlib
@@ -60,6 +61,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: Literal["fp32", "bf16"] = "bf16"
     zero_stage: int = 1
+    # ZeRO's gradient reduce / parameter all-gather buckets, in elements. DeepSpeed's default (5e8) makes
+    # the bucket hold every gradient of a small model: a full-size copy on each rank, which undoes most of
+    # what ZeRO-2 partitions away.
+    zero_bucket_elements: int = 5_000_000
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     document_attention: bool = False  # attention stays inside each packed document (block-diagonal causal mask)
     compile: bool = False  # torch.compile the forward; falls back to eager if compiling fails
@@ -79,7 +84,8 @@ class TrainConfig:
     stability: StabilityConfig = field(default_factory=StabilityConfig)
 
     def validate(self) -> None:
-        for key in ("micro_batch_size", "global_batch_size", "max_steps", "log_every", "eval_windows", "keep_checkpoints"):
+        for key in ("micro_batch_size", "global_batch_size", "max_steps", "log_every", "eval_windows", "keep_checkpoints",
+                    "zero_bucket_elements"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
         if self.global_batch_size % self.micro_batch_size:
@@ -167,7 +173,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": cfg.zero_stage, "reduce_bucket_size": cfg.zero_bucket_elements,
+                              "allgather_bucket_size": cfg.zero_bucket_elements,
+                              **({"stage3_prefetch_bucket_size": cfg.zero_bucket_elements} if cfg.zero_stage == 3 else {})},
         # we pass a torch AdamW (no FusedAdam JIT compile), which ZeRO calls "untested"
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
@@ -515,6 +523,9 @@ def _update_ratio(before: list[torch.Tensor], after: list[torch.Tensor]) -> floa
 
 
 def _memory_metrics(device: torch.device) -> dict[str, float]:
+    # glibc keeps freed heap pages (e.g. the full parameters ZeRO-3 partitioned away) in the process;
+    # returning them first makes rss_mb the memory in use rather than the allocator's high-water mark
+    _malloc_trim()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     out = {"memory/peak_rss_mb": peak_kib / 1024}
     try:
@@ -525,6 +536,13 @@ def _memory_metrics(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         out["memory/gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def measure_matmul_tflops(precision: str, device: torch.device | str = "cpu", n: int = 1024, seconds: float = 0.5) -> float:

@@ -85,7 +85,8 @@ def test_deepspeed_config_is_derived():
     assert ds["gradient_accumulation_steps"] == 4  # 32 / (4 * 2)
     assert ds["train_batch_size"] == (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2)
     assert ds["gradient_clipping"] == 0.5
-    assert ds["zero_optimization"] == {"stage": 2}
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": cfg.zero_bucket_elements,
+                                       "allgather_bucket_size": cfg.zero_bucket_elements}
     with pytest.raises(ValueError, match="multiple of 12"):
         deepspeed_config(cfg, world_size=3)
 

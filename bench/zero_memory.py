@@ -1,0 +1,141 @@
+"""Per-rank memory of lmforge's pretrain engine with 2 ranks under ZeRO 0/1/2/3, on a ~50M-parameter
+model where parameters, gradients and Adam moments (16 bytes per parameter in fp32) dominate.
+
+    python -m bench zero_memory [--steps 4] [--layers 8] [--width 704] [--ranks 2]
+
+For each stage the benchmark starts `--ranks` ranks through torchrun on `python -m bench.zero_memory
+--worker`, which trains through `lm_core.engine.train` (micro batch 1, T=64, so activations stay small).
+Rank 0 resets its high-water mark after the first step (Linux clear_refs) and reads it after the last
+(`training_peak_rss_mb`: the peak while training, gradients, moments and activations included, set-up
+excluded); its tracker's `memory/rss_mb` at the last step is the steady state between steps, and every
+rank's whole-run peak is listed too. The baseline is ZeRO-0 in the same run; `ratio` = ZeRO-3 training
+peak per rank / ZeRO-0. Expected model state per rank (fp32, N ranks, P parameters; ZeRO-1/2 also keep an
+fp32 master copy of the rank's partition): stage 0 16P, stage 1 8P + 12P/N, stage 2 4P + 16P/N, stage 3
+16P/N bytes, on top of the process's fixed cost (torch, DeepSpeed, activations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def run(argv: list[str]) -> dict:
+    p = argparse.ArgumentParser(prog="python -m bench zero_memory")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--width", type=int, default=704)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--stages", default="0,1,2,3")
+    args = p.parse_args(argv)
+    from lm_core.model import GPTConfig
+
+    params = GPTConfig(vocab_size=args.vocab, block_size=64, n_layer=args.layers, n_head=args.width // 64,
+                       n_embd=args.width).num_params()
+    per_stage = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in [int(s) for s in args.stages.split(",")]:
+            per_stage[f"zero{stage}"] = _launch(stage, args, Path(tmp) / f"z{stage}")
+            print(f"zero{stage}: {per_stage[f'zero{stage}']}", file=sys.stderr, flush=True)
+    n, mb = args.ranks, params / 2**20
+    # fp32: params 4 + grads 4 + Adam moments 8 bytes per parameter; ZeRO-1/2 also keep an fp32 master copy
+    # of each rank's partition (4/N) even when the parameters are fp32
+    expected = {"zero0": 16 * mb, "zero1": 8 * mb + 12 * mb / n, "zero2": 4 * mb + 16 * mb / n, "zero3": 16 * mb / n}
+    base = per_stage.get("zero0", {}).get("training_peak_rss_mb")
+    for name, row in per_stage.items():
+        row["expected_state_mb"] = round(expected[name], 1)
+        if base:
+            row["vs_zero0"] = round(row["training_peak_rss_mb"] / base, 3)
+            row["saved_mb"] = round(base - row["training_peak_rss_mb"], 1)
+            row["expected_saved_mb"] = round(expected["zero0"] - expected[name], 1)
+    return {
+        "ratio": per_stage.get("zero3", {}).get("vs_zero0"),
+        "ratio_zero2": per_stage.get("zero2", {}).get("vs_zero0"),
+        "stages": per_stage,
+        "params": params,
+        "ranks": args.ranks,
+        "model": {"n_layer": args.layers, "n_embd": args.width, "vocab_size": args.vocab, "block_size": 64},
+        "precision": "fp32",
+        "note": "RSS per rank on CPU (gloo); steady = rank 0's memory/rss_mb at the last step; peak includes "
+                "building the full model before ZeRO partitions it and the final checkpoint",
+    }
+
+
+def _launch(stage: int, args: argparse.Namespace, work: Path) -> dict:
+    work.mkdir(parents=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks), "--master_port", str(port),
+               "-m", "bench.zero_memory", "--worker", str(stage), str(args.steps), str(args.layers), str(args.width),
+               str(args.vocab), str(work)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"zero{stage} ranks failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    peaks = sorted(json.loads(line[len("PEAK "):]) for line in proc.stdout.splitlines() if line.startswith("PEAK "))
+    history = [json.loads(line) for line in (work / "history.jsonl").read_text().splitlines()]
+    steady = [h["metrics"]["memory/rss_mb"] for h in history if "memory/rss_mb" in h.get("metrics", {})][-1]
+    steps_peak = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("STEPS_PEAK ")][0]
+    return {"training_peak_rss_mb": round(steps_peak, 1), "steady_rss_mb": round(steady, 1),
+            "peak_rss_mb_per_rank": [round(p[1], 1) for p in peaks]}
+
+
+def _worker(stage: int, steps: int, layers: int, width: int, vocab: int, work: Path) -> None:
+    import numpy as np
+    import torch
+
+    from lm_core.engine import TrainConfig, train
+    from lm_core.model import GPTConfig
+    from lm_core.stability import StabilityConfig
+    from lm_core.tracking import JsonlTracker, MultiTracker
+
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    model = GPTConfig(vocab_size=vocab, block_size=64, n_layer=layers, n_head=width // 64, n_embd=width)
+    shards = [np.random.default_rng(0).integers(0, vocab, size=50_000, dtype=np.uint16)]
+    cfg = TrainConfig(micro_batch_size=1, global_batch_size=2, max_steps=steps, warmup_steps=1, log_every=1,
+                      precision="fp32", zero_stage=stage, num_threads=1, keep_checkpoints=1,
+                      stability=StabilityConfig(enabled=False))
+    tracker = JsonlTracker(work / "history.jsonl") if rank == 0 else MultiTracker()
+    training_peak: list[float] = []
+
+    def on_step(m: dict) -> None:  # rank 0, after every step
+        if m["step"] == 1:  # from here on the high-water mark covers training steps only, not set-up
+            Path("/proc/self/clear_refs").write_text("5")
+        elif m["step"] == steps:
+            training_peak.append(_vm_hwm_mb())
+
+    try:
+        train(model, cfg, shards, None, work / "ckpt", tracker, progress=on_step)
+    finally:
+        tracker.close()
+    if rank == 0:
+        print("STEPS_PEAK " + json.dumps(training_peak[0]), flush=True)
+    print("PEAK " + json.dumps([rank, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]), flush=True)
+
+
+def _vm_hwm_mb() -> float:
+    """Peak resident set since the last clear_refs reset (Linux VmHWM), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        stage, steps, layers, width, vocab = (int(a) for a in sys.argv[2:7])
+        _worker(stage, steps, layers, width, vocab, Path(sys.argv[7]))
+    else:
+        print("run it as: python -m bench zero_memory", file=sys.stderr)
+        sys.exit(2)
