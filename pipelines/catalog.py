@@ -1,8 +1,12 @@
 """The DuckDB catalog: tables every data stage writes, keyed by the stage key that wrote them.
 
 documents   one row per ingested document of a snapshot (the ingest key); text is normalized,
-            norm_hash is the exact-dedup key (md5 of the lower-cased, whitespace-collapsed text)
-quarantine  records refused at ingest, with the reason and a snippet
+            norm_hash is the exact-dedup key (md5 of the lower-cased, whitespace-collapsed text);
+            provenance: source, uri, record_no (line / row / chunk number), content_hash (md5 of the
+            text), snapshot, and the ingest partition (one input file) it came from
+quarantine  records refused at ingest, with the reason, a snippet and the same provenance
+ingest_partitions  per snapshot, each partition it holds with its counts; a later snapshot copies the
+            rows of a partition it shares (same file, same settings) instead of reading the file again
 doc_status  per dedup key: each document kept, or dropped with a reason and what it duplicates
 splits      per split key: each kept document's split (train/val)
 (dedup_runs and minhash_bands, for incremental dedup, are pipelines.incremental's.)
@@ -17,8 +21,15 @@ CREATE TABLE IF NOT EXISTS documents (
     snapshot VARCHAR, doc_id VARCHAR, source VARCHAR, uri VARCHAR, text VARCHAR,
     n_bytes BIGINT, content_hash VARCHAR, norm_hash VARCHAR);
 ALTER TABLE documents ADD COLUMN IF NOT EXISTS norm_hash VARCHAR;
+ALTER TABLE documents ADD COLUMN IF NOT EXISTS record_no BIGINT;
+ALTER TABLE documents ADD COLUMN IF NOT EXISTS partition_key VARCHAR;
 CREATE TABLE IF NOT EXISTS quarantine (
     snapshot VARCHAR, source VARCHAR, uri VARCHAR, reason VARCHAR, snippet VARCHAR);
+ALTER TABLE quarantine ADD COLUMN IF NOT EXISTS record_no BIGINT;
+ALTER TABLE quarantine ADD COLUMN IF NOT EXISTS partition_key VARCHAR;
+CREATE TABLE IF NOT EXISTS ingest_partitions (
+    snapshot VARCHAR, partition_key VARCHAR, source VARCHAR, uri VARCHAR,
+    n_read BIGINT, n_documents BIGINT, n_quarantined BIGINT, reused BOOLEAN);
 CREATE TABLE IF NOT EXISTS doc_status (
     dedup_key VARCHAR, snapshot VARCHAR, doc_id VARCHAR, status VARCHAR, reason VARCHAR, duplicate_of VARCHAR);
 CREATE TABLE IF NOT EXISTS splits (

@@ -24,7 +24,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 class SourceConfig:
     kind: Literal["shakespeare", "stdlib", "text_dir", "jsonl", "parquet", "csv"] = "shakespeare"
     name: str = ""  # defaults to kind
-    path: str | None = None  # text_dir: a directory or file; jsonl: a .jsonl(.gz) file or a directory of them;
+    path: str | None = None  # text_dir: a directory or file; jsonl: a .jsonl(.gz/.zst) file or a directory of them;
     # parquet/csv: a file, a glob, or a URI DuckDB reads (s3://, https://, hf:// need DuckDB's httpfs, online)
     glob: str = "**/*.txt"  # text_dir: which files under path
     text_field: str = "text"  # jsonl/parquet/csv: the field (column) holding the document text
@@ -179,6 +179,18 @@ class RegisterConfig:
 
 
 @dataclass
+class FlowConfig:
+    """How the Prefect flow runs its tasks. Not part of any key: the results do not depend on it."""
+    task_runner: Literal["default", "dask"] = "default"  # dask: ingest's per-file partitions fan out on a Dask LocalCluster
+    dask_workers: int = 2
+    dask_processes: bool = True  # False: Dask worker threads inside the flow's process (cheap; tests)
+
+    def validate(self) -> None:
+        if self.dask_workers < 1:
+            raise ConfigError(f"flow.dask_workers={self.dask_workers} must be >= 1")
+
+
+@dataclass
 class PipelineConfig:
     name: str = "default"
     workspace: str = "workspace"
@@ -191,6 +203,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
 
     def validate(self) -> None:
         if self.model.vocab_size != self.tokenizer.vocab_size:
@@ -203,8 +216,8 @@ class PipelineConfig:
         return to_dict(self)
 
     def config_hash(self) -> str:
-        """Hash of everything that shapes the model; the workspace location is not part of it."""
-        data = {k: v for k, v in self.to_dict().items() if k != "workspace"}
+        """Hash of everything that shapes the model; where it runs (workspace, task runner) is not part of it."""
+        data = {k: v for k, v in self.to_dict().items() if k not in ("workspace", "flow")}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

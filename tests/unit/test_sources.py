@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipelines.config import ConfigError, SourceConfig
-from pipelines.sources import check_source, read_source, source_fingerprint
+from pipelines.sources import WHOLE_SOURCE, check_source, read_partition, read_source, source_fingerprint, source_partitions
 
 
 def read(src: SourceConfig, tmp_path) -> list:
@@ -204,3 +204,37 @@ def test_table_source_errors_before_work(tmp_path):
         check_source(SourceConfig(kind="parquet", path=str(tmp_path / "d.parquet")))
     with pytest.raises(ConfigError, match="does not exist"):
         check_source(SourceConfig(kind="csv", path=str(tmp_path / "missing.csv"), text_field="body"))
+
+
+def test_jsonl_zst_and_a_truncated_one(tmp_path):
+    import zstandard
+
+    path = tmp_path / "d.jsonl.zst"
+    data = zstandard.ZstdCompressor().compress((json.dumps({"text": "squeezed one"}) + "\n{broken\n").encode())
+    path.write_bytes(data)
+    records = read(jsonl(tmp_path), tmp_path)
+    assert [(r.uri, r.text, r.reason, r.record_no) for r in records] == [
+        (f"{path}:1", "squeezed one", None, 1), (f"{path}:2", None, "malformed_json", 2)]
+    check_source(jsonl(tmp_path))
+    path.write_bytes(data[: len(data) // 2])  # cut mid-frame: the rest of the file is unreadable, not a crash
+    (reason,) = {r.reason for r in read(jsonl(path), tmp_path) if r.text is None}
+    assert reason == "unreadable"
+
+
+def test_partitions_are_files_unless_the_source_is_whole(corpus, tmp_path):
+    src = text_dir(corpus, doc_chars=0)
+    parts = source_partitions(src)
+    assert [uri for uri, _ in parts] == [str(corpus / "a.txt"), str(corpus / "nested" / "b.txt")]
+    by_file = [r for uri, _ in parts for r in read_partition(src, uri, tmp_path)]
+    assert [(r.uri, r.text) for r in by_file] == [(r.uri, r.text) for r in read(src, tmp_path)]
+    for whole in (text_dir(corpus, max_docs=1), SourceConfig(kind="stdlib"),
+                  SourceConfig(kind="parquet", path="s3://bucket/corpus/*.parquet")):
+        assert [uri for uri, _ in source_partitions(whole)] == [WHOLE_SOURCE]
+
+
+def test_remote_uris_pass_through_preflight(tmp_path):
+    remote = SourceConfig(kind="parquet", path="https://example.org/corpus.parquet", text_field="body")
+    check_source(remote)  # no network at preflight: DuckDB reads (and checks) it at ingest, online
+    assert source_fingerprint(remote) == [remote.path]
+    with pytest.raises(ConfigError, match="remote URI.*kind: parquet or csv"):
+        check_source(jsonl("hf://datasets/someone/corpus/data.jsonl"))
