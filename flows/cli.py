@@ -39,6 +39,26 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-prefect", action="store_true", help="call the stages directly, without a Prefect flow")
     run.set_defaults(func=_cmd_run)
 
+    dep = sub.add_parser("deploy", help="a Prefect deployment of the pipeline with a cron schedule; --serve runs it")
+    _config_args(dep)
+    dep.add_argument("--name", default="nightly", help="deployment name (default: nightly)")
+    dep.add_argument("--cron", default="0 3 * * *", help="cron schedule, or 'none' (default: '0 3 * * *')")
+    dep_which = dep.add_mutually_exclusive_group()
+    dep_which.add_argument("--only", choices=STAGE_NAMES, help="each run reruns just this stage")
+    dep_which.add_argument("--from", dest="start", choices=STAGE_NAMES, help="each run reruns this stage and what follows")
+    dep.add_argument("--force", action="store_true", help="each run ignores cached outputs")
+    dep.add_argument("--paused", action="store_true", help="create the schedule paused")
+    dep.add_argument("--serve", action="store_true", help="also execute the deployment's runs in this process (blocks)")
+    dep.set_defaults(func=_cmd_deploy)
+
+    ui = sub.add_parser("ui", help="start the Prefect UI, the MLflow UI and TensorBoard for a workspace (Ctrl-C stops)")
+    ui.add_argument("--workspace", default="workspace", help="workspace directory (default: ./workspace)")
+    ui.add_argument("--prefect-port", type=int, default=4200)
+    ui.add_argument("--mlflow-port", type=int, default=5000)
+    ui.add_argument("--tensorboard-port", type=int, default=6006)
+    ui.add_argument("--timeout", type=float, default=180, help="seconds to wait for the servers to answer (default: 180)")
+    ui.set_defaults(func=_cmd_ui)
+
     gen = sub.add_parser("generate", help="sample text from the latest export, an export directory, or models:/NAME@ALIAS")
     gen.add_argument("--model", help="export directory or MLflow models:/ URI (default: the workspace's latest export)")
     gen.add_argument("--workspace", default="workspace", help="workspace directory (default: ./workspace)")
@@ -50,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
                      help="stop before this text (repeatable); the stop text is not printed")
+    gen.add_argument("--dtype", choices=("fp32", "bf16", "int8"), default="fp32",
+                     help="weights for CPU inference: fp32, bf16, or int8 (weight-only, bf16 compute) (default: fp32)")
     gen.set_defaults(func=_cmd_generate)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/models, /health)")
@@ -58,13 +80,40 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--name", help="model name clients pass as `model` (default: the export directory's name)")
+    srv.add_argument("--dtype", choices=("fp32", "bf16", "int8"), default="fp32",
+                     help="weights for CPU inference: fp32, bf16, or int8 (weight-only, bf16 compute) (default: fp32)")
     srv.set_defaults(func=_cmd_serve)
+
+    insp = sub.add_parser("inspect", help="what the model learned: `inspect neighbors WORD`, "
+                                          "`inspect attention --prompt TEXT`")
+    insp_sub = insp.add_subparsers(dest="inspect_command", metavar="WHAT", required=True)
+    near = insp_sub.add_parser("neighbors", help="nearest tokens to WORD by cosine similarity of the token embeddings")
+    near.add_argument("word", metavar="WORD",
+                      help="a token's piece or a word that is one token (' the' or '\u2581the' for a leading space)")
+    near.add_argument("--k", type=int, default=10, help="how many neighbors (default: 10)")
+    attn = insp_sub.add_parser("attention", help="PNG grid of attention maps (layer x head) for a prompt, logged to MLflow")
+    attn.add_argument("--prompt", required=True)
+    attn.add_argument("--out", help="PNG path (default: <workspace>/inspect/attention.png)")
+    attn.add_argument("--no-mlflow", action="store_true", help="only write the PNG")
+    for p in (near, attn):
+        p.add_argument("--model", help="export directory or MLflow models:/ URI (default: the workspace's latest export)")
+        p.add_argument("--workspace", default="workspace", help="workspace directory (default: ./workspace)")
+        p.set_defaults(func=_cmd_inspect)
 
     data = sub.add_parser("data", help="inspect the data catalog: `lmforge data report`")
     data_sub = data.add_subparsers(dest="data_command", metavar="WHAT", required=True)
     data_report = data_sub.add_parser("report", help="reads, kept, dropped by reason, clusters, lengths per snapshot")
     data_report.add_argument("--workspace", default="workspace", help="workspace directory (default: ./workspace)")
     data_report.set_defaults(func=_cmd_data_report)
+
+    cont = sub.add_parser("continue", help="ingest new inbox files and train the champion on for a token budget; "
+                                           "promoted only if it beats the champion")
+    _config_args(cont)
+    cont.add_argument("--inbox", required=True, help="directory where new text files are dropped")
+    cont.add_argument("--tokens", type=int, required=True, help="training budget of the continued run, in tokens")
+    cont.add_argument("--glob", default="**/*.txt", help="which files of the inbox to read (default: **/*.txt)")
+    cont.add_argument("--no-prefect", action="store_true", help="call the stages directly, without a Prefect flow")
+    cont.set_defaults(func=_cmd_continue)
 
     show = sub.add_parser("config", help="print the resolved config (YAML + overrides) and its hash")
     _config_args(show)
@@ -130,6 +179,51 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from flows import deploy
+
+    return deploy.main(args)
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from flows import ui
+
+    return ui.main(args)
+
+
+def _cmd_continue(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from pipelines.report import print_summary, quiet_environment
+    from pipelines.workspace import Workspace
+
+    ws = Workspace(cfg.workspace)
+    quiet_environment(ws)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    started = time.perf_counter()
+    if args.no_prefect:
+        from pipelines import continue_run
+        from pipelines.runner import run_pipeline
+
+        plan = continue_run.plan(cfg, Path(args.inbox), args.tokens, args.glob)
+        if isinstance(plan, str):
+            print(plan)
+            return 0
+        results = run_pipeline(plan.cfg, tags=plan.tags)
+    else:
+        from flows.continue_flow import continue_flow
+
+        outcome = continue_flow(inbox=args.inbox, tokens=args.tokens, config=cfg.to_dict(), glob=args.glob)
+        if not outcome["ran"]:
+            print(outcome["reason"])  # the flow logged it too (Prefect UI)
+            return 0
+        results = outcome["results"]
+    print_summary(cfg, ws, results, time.perf_counter() - started)
+    gate = results["register"].metrics["gate"]
+    print(f"gate: {gate['decision']} ({gate['reason']})")
+    return 0
+
+
 def _cmd_data_report(args: argparse.Namespace) -> int:
     import duckdb
 
@@ -159,7 +253,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if "" in args.stop:
         raise ConfigError("--stop '' would stop at once; pass a non-empty text, e.g. --stop $'\\n\\n'")
     model_dir = _resolve_model(args.model, Path(args.workspace))
-    model, _ = load_model_dir(model_dir)
+    from lm_core.quantize import prepare_for_inference
+
+    model = prepare_for_inference(load_model_dir(model_dir)[0], args.dtype)
     tok = Tokenizer(model_dir / TOKENIZER_FILE)
     print(args.prompt, end="", flush=True)
     # pieces never split a UTF-8 character and never show (part of) a stop string
@@ -175,7 +271,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     model_dir = _resolve_model(args.model, Path(args.workspace))
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not an lmforge model directory (no config.json); pass an export directory")
-    serve(model_dir, host=args.host, port=args.port, model_name=args.name)
+    serve(model_dir, host=args.host, port=args.port, model_name=args.name, dtype=args.dtype)
     return 0
 
 
@@ -197,6 +293,30 @@ def _cmd_models(args: argparse.Namespace) -> int:
     except models_cli.RegistryError as exc:
         print(f"lmforge: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from pipelines import inspect_cli
+    from pipelines.report import quiet_environment
+    from pipelines.workspace import Workspace
+
+    ws = Workspace(args.workspace)
+    quiet_environment(ws)
+    model_dir = _resolve_model(args.model, Path(args.workspace))
+    try:
+        if args.inspect_command == "neighbors":
+            print(inspect_cli.format_neighbors(inspect_cli.neighbors(model_dir, args.word, args.k)))
+            return 0
+        out = Path(args.out) if args.out else ws.root / "inspect" / "attention.png"
+        drawn = inspect_cli.attention_png(model_dir, args.prompt, out)
+    except ValueError as exc:  # a word that is not one token, a prompt too long, --k < 1
+        print(f"lmforge: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"attention maps ({drawn['layers']} layers x {drawn['heads']} heads, {drawn['tokens']} tokens): {out}")
+    if not args.no_mlflow:
+        run_id = inspect_cli.log_attention(ws, drawn, args.model or str(model_dir), args.prompt)
+        print(f"logged to MLflow: experiment {inspect_cli.INSPECT_EXPERIMENT}, run {run_id} ({ws.mlflow_uri})")
     return 0
 
 

@@ -78,6 +78,9 @@ class TrainConfig:
     peak_tflops: float = 0.0  # for MFU; 0 skips it, < 0 measures a matmul peak at start
     # ranks: 1 trains in the calling process; more start `launcher` on this node (or on every node of a
     # DeepSpeed hostfile: `host slots=N` lines), see lm_core.launch
+    # a model directory (lm_core.weights format, e.g. an export) whose weights start the run instead of a
+    # random init: continued pretraining; its model config must equal this run's
+    init_from: str = ""
     nproc_per_node: int = 1
     launcher: Literal["torchrun", "deepspeed"] = "torchrun"
     hostfile: str = ""  # multi-node: DeepSpeed's launcher only
@@ -222,6 +225,22 @@ class GatedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+def load_init_weights(model_dir: str | Path, model_cfg: GPTConfig) -> GPT:
+    """The model of `train.init_from`, refused unless its config is this run's."""
+    from lm_core.weights import load_model_dir
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ValueError(f"train.init_from={str(model_dir)!r} is not an lmforge model directory (no config.json); "
+                         "point it at an export or a pretrain output's model/ directory")
+    model, _ = load_model_dir(Path(model_dir))
+    theirs, ours = dataclasses.asdict(model.cfg), dataclasses.asdict(model_cfg)
+    if diff := {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}:
+        detail = ", ".join(f"model.{k}: theirs {a}, this run {b}" for k, (a, b) in diff.items())
+        raise ValueError(f"train.init_from={str(model_dir)!r} has another model shape ({detail}); "
+                         "set the model section to the init model's, or unset train.init_from")
+    return model
+
+
 def init_distributed() -> int:
     """Initialise torch.distributed for DeepSpeed; a process with no launcher becomes rank 0 of 1."""
     import deepspeed
@@ -263,13 +282,18 @@ def train(
 
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg)
+    if cfg.init_from:  # a checkpoint of this run, if any, still wins below: resuming continues the run
+        model.load_state_dict(load_init_weights(cfg.init_from, model_cfg).state_dict())
     model.activation_checkpointing = cfg.activation_checkpointing
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # fused: one pass over each tensor, no temporaries; ZeRO-1/2 hand it flat partitions, where the
+    # unfused loop's partition-sized temporaries cost more memory than the partitioning saved
     optimizer = GatedAdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
+        fused=True,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_multiplier)
     engine, _, _, _ = deepspeed.initialize(

@@ -33,6 +33,9 @@ class TokenizerConfig:
     max_sentence_bytes: int = 8192  # longer lines are cut before training
     num_threads: int = 2
     seed: int = 0  # seeds the choice of training lines when the split is larger than sample_bytes
+    # a trained SentencePiece model to use as it is instead of training one: continuing to train a model
+    # needs the ids it was trained with (set vocab_size to that model's)
+    model_file: str = ""
 
     def validate(self) -> None:
         if self.vocab_size < 260 and self.byte_fallback:

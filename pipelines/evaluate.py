@@ -17,12 +17,13 @@ import torch
 
 from lm_core.evaluation import bits_per_byte
 from lm_core.generate import generate
+from lm_core.engine import load_init_weights
 from lm_core.model import GPT
 from lm_core.multiple_choice import contamination, evaluate_task, load_task, word_ngrams
 from lm_core.shards import open_split
 from lm_core.tokenizer import Tokenizer
 from lm_core.weights import load_model_dir
-from pipelines import bigbench
+from pipelines import bigbench, inspect_cli
 from pipelines import pretrain as pretrain_stage
 from pipelines import tokenizer as tokenizer_stage
 from pipelines.config import EvalTaskConfig, PipelineConfig
@@ -73,6 +74,9 @@ def run(cfg: PipelineConfig, ws: Workspace, pretrain: StageResult, shard: StageR
             "val_tokens": trained["tokens"],
             "val_bytes": trained["bytes"],
         }
+        if cfg.train.init_from:  # continued training: the model it started from, on the same validation data
+            start = bits_per_byte(load_init_weights(cfg.train.init_from, cfg.model), val, token_bytes, **args)
+            metrics.update({"init_val_loss": start["loss"], "init_val_bpb": start["bpb"]})
         for path in cfg.eval.texts:
             text = Path(path).read_text(encoding="utf-8")
             ids = np.array([tok.bos_id, *tok.encode(text), tok.eos_id], dtype=np.uint16)
@@ -85,6 +89,9 @@ def run(cfg: PipelineConfig, ws: Workspace, pretrain: StageResult, shard: StageR
                 metrics.update({f"mc.{row['task']}.{k}": row[k] for k in
                                 ("acc", "acc_norm", "acc_ci_low", "acc_ci_high", "chance", "n", "overlap_fraction")})
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        tb_dir = pretrain.metrics.get("tensorboard_dir")
+        if tb_dir:  # the embeddings in TensorBoard's projector, labelled with pieces, beside the training scalars
+            inspect_cli.write_projector(model, tok, Path(tb_dir) / inspect_cli.PROJECTOR_DIR)
         return metrics
 
     return run_stage(ws, STAGE, key(cfg, pretrain, shard, tokenizer), build, force)

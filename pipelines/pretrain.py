@@ -19,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from lm_core.engine import EVENTS_FILE, TrainResult, train
+from lm_core.engine import EVENTS_FILE, TrainResult, load_init_weights, train
 from lm_core.launch import TrainJob, run_ranks
 from lm_core.shards import open_documents, open_split
 from lm_core.stability import read_events
@@ -28,7 +28,7 @@ from lm_core.tracking import JsonlTracker, MultiTracker, TensorBoardTracker
 from lm_core.typed_config import to_dict
 from lm_core.weights import save_model_dir
 from pipelines import tokenizer as tokenizer_stage
-from pipelines.config import PipelineConfig
+from pipelines.config import ConfigError, PipelineConfig
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
 STAGE, VERSION = "pretrain", "1"
@@ -43,6 +43,15 @@ log = logging.getLogger("lmforge")
 
 def key(cfg: PipelineConfig, shard: StageResult, tokenizer: StageResult) -> str:
     return stage_key(STAGE, VERSION, {"model": cfg.model, "train": cfg.train}, [shard, tokenizer])
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """train.init_from must be a model of this run's shape (checked before any stage runs)."""
+    if cfg.train.init_from:
+        try:
+            load_init_weights(cfg.train.init_from, cfg.model)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def run(cfg: PipelineConfig, ws: Workspace, shard: StageResult, tokenizer: StageResult, force: bool = False,
@@ -68,6 +77,7 @@ def run(cfg: PipelineConfig, ws: Workspace, shard: StageResult, tokenizer: Stage
         (out / EVENTS_FILE).write_text("".join(json.dumps(e) + "\n" for e in events))
         return {
             "world_size": cfg.train.world_size(),
+            "init_from": cfg.train.init_from or None,
             "params": cfg.model.num_params(),
             "steps": result.steps,
             "tokens": result.tokens,

@@ -18,6 +18,7 @@ import yaml
 
 from lm_core.tracking import read_history
 from lm_core.typed_config import ConfigError, flatten
+from pipelines import data_report
 from pipelines import evaluate as evaluate_stage
 from pipelines import export as export_stage
 from pipelines import pretrain as pretrain_stage
@@ -27,6 +28,7 @@ from pipelines.models_cli import GATE_TAGS
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
 STAGE, VERSION = "register", "2"
+INIT_VERSION_TAG = "lmforge.init_from_version"  # set by a continued run: the version it started from
 PIP_REQUIREMENTS = ["torch==2.13.0", "safetensors", "sentencepiece", "numpy"]
 
 
@@ -92,7 +94,8 @@ def run(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageResult], tag
         client.set_registered_model_alias(cfg.register.model_name, cfg.register.alias, version)
         for tag, value in {**run_tags, "lmforge.mlflow_run_id": run.info.run_id}.items():
             client.set_model_version_tag(cfg.register.model_name, version, tag, value)
-        decision = promotion_gate(client, cfg, version, gate_value, run_tags.get("lmforge.shard_manifest_key", ""))
+        decision = promotion_gate(client, cfg, version, gate_value, run_tags.get("lmforge.shard_manifest_key", ""),
+                                  started_from=(run_tags.get(INIT_VERSION_TAG), evaluate.metrics.get(f"init_{cfg.register.gate_metric}")))
         registration = {
             "experiment_id": experiment.experiment_id,
             "run_id": run.info.run_id,
@@ -107,15 +110,21 @@ def run(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageResult], tag
         (out / "registration.json").write_text(json.dumps(registration, indent=2))
         return registration
 
-    return run_stage(ws, STAGE, key(cfg, results), build, force)
+    # one registration at a time per workspace: the SQLite store's first migration, version numbers and
+    # the champion alias (read, compare, set) must not interleave with another run's
+    with ws.lock("registry"):
+        return run_stage(ws, STAGE, key(cfg, results), build, force)
 
 
-def promotion_gate(client, cfg: PipelineConfig, version: str, value: float, eval_data_key: str = "") -> dict:
+def promotion_gate(client, cfg: PipelineConfig, version: str, value: float, eval_data_key: str = "",
+                   started_from: tuple[str | None, float | None] = (None, None)) -> dict:
     """Give `version` the champion alias if its gate metric beats the current champion's.
 
     The champion's number is its own gate tag when it was gated on the same metric, else its run's
     `eval.<metric>`. A champion without that number is never replaced automatically (say so, and let
-    a person decide with `lmforge models promote`). Ties keep the champion.
+    a person decide with `lmforge models promote`). Ties keep the champion. `started_from` = (version the
+    candidate was initialised from, that model's metric on the candidate's validation data): when that
+    version is the champion (a continued run), the two are compared on the same data.
     """
     reg, name = cfg.register, cfg.register.model_name
     metric, higher = reg.gate_metric, reg.gate_higher_is_better
@@ -128,8 +137,10 @@ def promotion_gate(client, cfg: PipelineConfig, version: str, value: float, eval
     else:
         champion = client.get_model_version(name, champion_version)
         champion_value = recorded_value(client, champion, metric)
-        decision["champion_value"] = champion_value
         decision["same_eval_data"] = champion.tags.get("lmforge.shard_manifest_key") == eval_data_key
+        if started_from[0] == champion_version and started_from[1] is not None:
+            champion_value, decision["same_eval_data"] = float(started_from[1]), True  # re-measured on this data
+        decision["champion_value"] = champion_value
         if champion_value is None:
             promoted, reason = False, (f"champion v{champion_version} has no recorded {metric}; "
                                        f"compare by hand and run `lmforge models promote {name} {version}`")
@@ -192,6 +203,7 @@ def _log_stage_runs(results: dict[str, StageResult], experiment_id: str) -> None
             numbers = {k: float(v) for k, v in result.metrics.items() if _is_number(v)}
             if numbers:
                 mlflow.log_metrics(numbers)
+            data_report.log_to_mlflow(result)  # dedup: accounting tables + plot; nothing for other stages
 
 
 def _experiment(client, ws: Workspace, name: str):

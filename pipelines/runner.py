@@ -43,8 +43,11 @@ def selected_stages(only: str | None = None, start: str | None = None, force: bo
 
 
 def preflight(cfg: PipelineConfig) -> Workspace:
-    """Checks that need no work: sources exist and are non-empty. Config types were checked at load."""
+    """Checks that need no work: sources exist and are non-empty, files the config names exist and fit.
+    Config types were checked at load."""
     ingest.preflight(cfg)
+    tokenizer.preflight(cfg)
+    pretrain.preflight(cfg)
     ws = Workspace(cfg.workspace)
     ws.root.mkdir(parents=True, exist_ok=True)
     return ws
