@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from lm_core.generate import SamplingConfig, TextChunk, stream_text
+from lm_core.quantize import prepare_for_inference
 from lm_core.tokenizer import Tokenizer
 from lm_core.weights import TOKENIZER_FILE, load_model_dir
 
@@ -95,8 +96,10 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
 class ServedModel:
     """The model, its tokenizer, and counters that /health reports (and tests read)."""
 
-    def __init__(self, model_dir: Path, name: str | None = None):
-        self.model, meta = load_model_dir(model_dir)
+    def __init__(self, model_dir: Path, name: str | None = None, dtype: str = "fp32"):
+        model, meta = load_model_dir(model_dir)
+        self.model = prepare_for_inference(model, dtype)  # fp32 | bf16 | int8 (lm_core.quantize)
+        self.dtype = dtype
         self.tokenizer = Tokenizer(Path(model_dir) / TOKENIZER_FILE)
         self.name = name or meta.get("name") or Path(model_dir).resolve().name
         self.block_size = self.model.cfg.block_size
@@ -191,8 +194,8 @@ def _prepare(served: ServedModel, req: CompletionRequest) -> tuple[list[list[int
     return prompts, sampling
 
 
-def create_app(model_dir: Path | str, *, model_name: str | None = None) -> FastAPI:
-    served = ServedModel(Path(model_dir), model_name)
+def create_app(model_dir: Path | str, *, model_name: str | None = None, dtype: str = "fp32") -> FastAPI:
+    served = ServedModel(Path(model_dir), model_name, dtype)
     app = FastAPI(title="lmforge", summary=f"OpenAI-compatible completions for {served.name}")
     app.state.served = served
 
@@ -212,8 +215,8 @@ def create_app(model_dir: Path | str, *, model_name: str | None = None) -> FastA
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": served.name, "active": served.active, "requests": served.requests,
-                "tokens_generated": served.tokens_generated}
+        return {"status": "ok", "model": served.name, "dtype": served.dtype, "active": served.active,
+                "requests": served.requests, "tokens_generated": served.tokens_generated}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -276,10 +279,10 @@ def _event(data: dict) -> str:
 
 
 def serve(model_dir: Path | str, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          log_level: str = "info") -> None:
+          log_level: str = "info", dtype: str = "fp32") -> None:
     """Serve until interrupted. 127.0.0.1 by default: pass host="0.0.0.0" to accept other machines."""
     import uvicorn
 
-    app = create_app(model_dir, model_name=model_name)
-    print(f"serving model '{app.state.served.name}' from {model_dir} at http://{host}:{port}/v1", flush=True)
+    app = create_app(model_dir, model_name=model_name, dtype=dtype)
+    print(f"serving model '{app.state.served.name}' ({dtype}) from {model_dir} at http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
