@@ -30,3 +30,12 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) workspace workspace-tiny
+
+.PHONY: browser-deps ui
+# optional: Debian's Chromium for tests/integration/test_browser.py (skipped without it); no browser download from a CDN
+browser-deps:
+	$(if $(shell command -v apt-get),,$(error browser-deps needs apt-get (Debian/Ubuntu); install chromium by hand))
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y chromium
+
+ui: $(STAMP)
+	$(BIN)/lmforge ui --workspace workspace

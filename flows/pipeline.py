@@ -35,7 +35,7 @@ def stage_task(name: str, cfg: PipelineConfig, inputs: tuple, force: bool) -> St
     result = MODULES[name].run(cfg, Workspace(cfg.workspace), *inputs, force=force)
     create_markdown_artifact(
         key=f"{name}-output",
-        markdown=_markdown(result) + data_report.stage_markdown(result),  # dedup: the accounting tables
+        markdown=_stage_artifact(result),
         description=f"lmforge {name} stage output",
     )
     return result
@@ -71,7 +71,7 @@ def pipeline_flow(config: dict | None = None, only: str | None = None, start: st
     results = run_pipeline(cfg, only=only, start=start, force=force, tags=tags,
                            call=lambda *args: run_as_task(*args, task_runs=task_runs))
     if "register" in results and flow_run.id:
-        link_stages_to_mlflow(results, task_runs, flow_run.id)
+        link_stages_to_mlflow(results, task_runs, flow_run.id, markdown=_stage_artifact)
     return results
 
 
@@ -83,4 +83,5 @@ def resolve_config(config: dict | None, config_name: str | None, overrides: list
     return load_config(config_name or "default", list(overrides or []))
 
 
-_markdown = stage_markdown
+def _stage_artifact(result: StageResult, links: str = "") -> str:
+    return stage_markdown(result, links) + data_report.stage_markdown(result)  # dedup: the accounting tables

@@ -3,15 +3,23 @@
 A stage's output lives in `artifacts/<stage>/<key>/` with a `manifest.json` written last; the key
 hashes the stage name, its code version, its own config and its inputs' keys. A finished output is
 reused, never rewritten (unless forced), and a half-written one is never seen under its final name.
+
+Several runs may share a workspace at once: building a (stage, key) holds that key's file lock, so a
+second run waits and then reuses the output instead of building it twice, and the DuckDB catalog
+(one writer process at a time) is opened under a workspace lock. The locks are `flock`s, which the
+kernel drops when their process dies, so a killed run never leaves a stale lock behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,6 +29,11 @@ from typing import Any, Callable, Iterator, Sequence
 from lm_core.typed_config import to_dict
 
 MANIFEST = "manifest.json"
+log = logging.getLogger("lmforge")
+# locks this process holds: path -> [fd, depth]; a nested or second-thread request for a lock the
+# process already holds must not wait on itself (flock locks belong to the open file, not the process)
+_held: dict[str, list[int]] = {}
+_held_guard = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -81,14 +94,63 @@ class Workspace:
         import duckdb
 
         self.root.mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(str(self.catalog), read_only=read_only)
-        try:
-            yield con
-        finally:
-            con.close()
+        # DuckDB lets one process write a database file (and none read it meanwhile): another run in this
+        # workspace waits here instead of failing with "Could not set lock on file"
+        with self.lock("catalog", shared=read_only):
+            con = duckdb.connect(str(self.catalog), read_only=read_only)
+            try:
+                yield con
+            finally:
+                con.close()
 
     def stage_dir(self, stage: str, key: str) -> Path:
         return self.artifacts / stage / key
+
+    @property
+    def locks(self) -> Path:
+        return self.root / "locks"
+
+    @contextlib.contextmanager
+    def lock(self, name: str, shared: bool = False) -> Iterator[None]:
+        """Hold `locks/<name>.lock` against other processes (re-entrant within this process)."""
+        self.locks.mkdir(parents=True, exist_ok=True)
+        path = str(self.locks / f"{name}.lock")
+        _acquire(path, shared)
+        try:
+            yield
+        finally:
+            _release(path)
+
+
+def _acquire(path: str, shared: bool) -> None:
+    with _held_guard:
+        if path in _held:
+            _held[path][1] += 1
+            return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    try:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for %s: another run in this workspace holds it", path)
+            fcntl.flock(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    with _held_guard:
+        if path in _held:  # another thread took the same shared lock meanwhile: keep one file open
+            _held[path][1] += 1
+            os.close(fd)
+        else:
+            _held[path] = [fd, 1]
+
+
+def _release(path: str) -> None:
+    with _held_guard:
+        _held[path][1] -= 1
+        if _held[path][1] == 0:
+            os.close(_held.pop(path)[0])  # closing the file releases the flock
 
 
 def stage_key(stage: str, version: str, stage_config: Any, inputs: Sequence[StageResult] = (), extra: Any = None) -> str:
@@ -125,7 +187,17 @@ def run_stage(ws: Workspace, stage: str, key: str, build: Callable[[Path], dict[
         existing = load_result(ws, stage, key)
         if existing is not None:
             return existing
+    with ws.lock(f"{stage}-{key}"):
+        # another run may have built this key while we waited for its lock
+        existing = None if force else load_result(ws, stage, key)
+        return existing or _build(ws, stage, key, build)
+
+
+def _build(ws: Workspace, stage: str, key: str, build: Callable[[Path], dict[str, Any]]) -> StageResult:
     final = ws.stage_dir(stage, key)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".tmp-{key}-*"):  # left by a killed run: we hold the key's lock
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     started = time.time()
