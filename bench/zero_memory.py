@@ -7,8 +7,8 @@ For each stage the benchmark starts `--ranks` ranks through torchrun on `python 
 --worker`, which trains through `lm_core.engine.train` (micro batch 1, T=64, so activations stay small).
 Rank 0 resets its high-water mark after the first step (Linux clear_refs) and reads it after the last
 (`training_peak_rss_mb`: the peak while training, gradients, moments and activations included, set-up
-excluded); its tracker's `memory/rss_mb` at the last step is the steady state between steps, and every
-rank's whole-run peak is listed too. The baseline is ZeRO-0 in the same run; `ratio` = ZeRO-3 training
+excluded); then it returns freed heap pages to the system (malloc_trim) and reads its resident set
+(`steady_rss_mb`: what stays allocated between steps). Every rank's whole-run peak is listed too. The baseline is ZeRO-0 in the same run; `ratio` = ZeRO-3 training
 peak per rank / ZeRO-0. Expected model state per rank (fp32, N ranks, P parameters; ZeRO-1/2 also keep an
 fp32 master copy of the rank's partition): stage 0 16P, stage 1 8P + 12P/N, stage 2 4P + 16P/N, stage 3
 16P/N bytes, on top of the process's fixed cost (torch, DeepSpeed, activations).
@@ -17,6 +17,7 @@ fp32 master copy of the rank's partition): stage 0 16P, stage 1 8P + 12P/N, stag
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -83,9 +84,10 @@ def _launch(stage: int, args: argparse.Namespace, work: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"zero{stage} ranks failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     peaks = sorted(json.loads(line[len("PEAK "):]) for line in proc.stdout.splitlines() if line.startswith("PEAK "))
-    history = [json.loads(line) for line in (work / "history.jsonl").read_text().splitlines()]
-    steady = [h["metrics"]["memory/rss_mb"] for h in history if "memory/rss_mb" in h.get("metrics", {})][-1]
-    steps_peak = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("STEPS_PEAK ")][0]
+    def printed(tag: str) -> float:
+        return [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith(tag + " ")][0]
+
+    steps_peak, steady = printed("STEPS_PEAK"), printed("STEADY")
     return {"training_peak_rss_mb": round(steps_peak, 1), "steady_rss_mb": round(steady, 1),
             "peak_rss_mb_per_rank": [round(p[1], 1) for p in peaks]}
 
@@ -97,7 +99,7 @@ def _worker(stage: int, steps: int, layers: int, width: int, vocab: int, work: P
     from lm_core.engine import TrainConfig, train
     from lm_core.model import GPTConfig
     from lm_core.stability import StabilityConfig
-    from lm_core.tracking import JsonlTracker, MultiTracker
+    from lm_core.tracking import MultiTracker
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
@@ -106,14 +108,19 @@ def _worker(stage: int, steps: int, layers: int, width: int, vocab: int, work: P
     cfg = TrainConfig(micro_batch_size=1, global_batch_size=2, max_steps=steps, warmup_steps=1, log_every=1,
                       precision="fp32", zero_stage=stage, num_threads=1, keep_checkpoints=1,
                       stability=StabilityConfig(enabled=False))
-    tracker = JsonlTracker(work / "history.jsonl") if rank == 0 else MultiTracker()
+    tracker = MultiTracker()  # nothing to record: rank 0's progress callback measures
     training_peak: list[float] = []
+    steady: list[float] = []
 
     def on_step(m: dict) -> None:  # rank 0, after every step
         if m["step"] == 1:  # from here on the high-water mark covers training steps only, not set-up
             Path("/proc/self/clear_refs").write_text("5")
         elif m["step"] == steps:
             training_peak.append(_vm_hwm_mb())
+            # glibc keeps freed heap pages (e.g. the full parameters ZeRO-3 partitioned away); returning them
+            # first makes this the memory in use between steps rather than the allocator's high-water mark
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            steady.append(_rss_mb())
 
     try:
         train(model, cfg, shards, None, work / "ckpt", tracker, progress=on_step)
@@ -121,7 +128,12 @@ def _worker(stage: int, steps: int, layers: int, width: int, vocab: int, work: P
         tracker.close()
     if rank == 0:
         print("STEPS_PEAK " + json.dumps(training_peak[0]), flush=True)
+        print("STEADY " + json.dumps(steady[0]), flush=True)
     print("PEAK " + json.dumps([rank, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]), flush=True)
+
+
+def _rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _vm_hwm_mb() -> float:

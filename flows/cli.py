@@ -24,6 +24,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"lmforge: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        return _stopped(exc)
+
+
+def _stopped(exc: Exception) -> int:
+    """SIGTERM/Ctrl-C during training: a checkpoint was written, so say how to resume instead of a traceback."""
+    from lm_core.engine import TrainingInterrupted
+    from lm_core.launch import EXIT_INTERRUPTED  # 75, EX_TEMPFAIL: the same command resumes
+
+    if not isinstance(exc, TrainingInterrupted):
+        raise exc
+    print(f"lmforge: stopped: {exc}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,6 +127,14 @@ def _parser() -> argparse.ArgumentParser:
     cont.add_argument("--glob", default="**/*.txt", help="which files of the inbox to read (default: **/*.txt)")
     cont.add_argument("--no-prefect", action="store_true", help="call the stages directly, without a Prefect flow")
     cont.set_defaults(func=_cmd_continue)
+
+    swp = sub.add_parser("sweep", help="run a grid of configs sharing the data stages; compare bpb vs compute in MLflow")
+    _config_args(swp)
+    swp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                     help="a config key and its values (repeatable; every combination runs), e.g. --grid model.n_embd=64,128")
+    swp.add_argument("--irreducible", action="store_true", help="fit L = e + a*C^-b (needs 4+ compute values) instead of a*C^-b")
+    swp.add_argument("--no-prefect", action="store_true", help="call the stages directly, without Prefect flows")
+    swp.set_defaults(func=_cmd_sweep)
 
     show = sub.add_parser("config", help="print the resolved config (YAML + overrides) and its hash")
     _config_args(show)
@@ -224,20 +245,34 @@ def _cmd_continue(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_data_report(args: argparse.Namespace) -> int:
-    import duckdb
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from pipelines import sweep
+    from pipelines.report import quiet_environment
 
+    overrides = list(args.overrides) + ([f"workspace={args.workspace}"] if args.workspace else [])
+    plan = sweep.plan(args.config, args.grid, overrides)  # every point's config checked before any work
+    quiet_environment(plan.workspace)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.no_prefect:
+        summary = sweep.run_and_compare(plan, irreducible=args.irreducible)
+    else:
+        from flows.sweep import sweep_flow
+
+        summary = sweep_flow(grid=args.grid, config_name=args.config, overrides=overrides, irreducible=args.irreducible)
+    sweep.print_comparison(summary)
+    return 0
+
+
+def _cmd_data_report(args: argparse.Namespace) -> int:
     from pipelines.data_report import print_report
     from pipelines.workspace import Workspace
 
-    path = Workspace(args.workspace).catalog
-    if not path.is_file():
-        raise FileNotFoundError(f"no catalog at {path}; run `lmforge run --only dedup` first or pass --workspace")
-    con = duckdb.connect(str(path), read_only=True)
-    try:
+    ws = Workspace(args.workspace)
+    if not ws.catalog.is_file():
+        raise FileNotFoundError(f"no catalog at {ws.catalog}; run `lmforge run --only dedup` first or pass --workspace")
+    with ws.duckdb(read_only=True) as con:  # waits while a run is writing the catalog
         print_report(con)
-    finally:
-        con.close()
     return 0
 
 

@@ -14,7 +14,6 @@ tag and renamed into place, and SIGTERM/SIGINT finish the current step, checkpoi
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hashlib
 import importlib
@@ -299,6 +298,10 @@ def train(
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
     )
+    if world_size == 1 and cfg.zero_stage == 0:
+        # one rank has nothing to average with: skip flattening every gradient into a bucket, an all-reduce
+        # with itself and copying back (ZeRO 1-3 collect their partitions in that step, so they keep it)
+        engine.enable_backward_allreduce = False
     if cfg.compile:
         _compile_forward(engine.module, model_cfg, device, events if rank == 0 else None)
 
@@ -379,6 +382,7 @@ def train(
                     before = [p.detach().clone() for p in engine.module.parameters()] if measure_update else None
                 engine.step()
                 if micro == accum - 1:
+                    vars(engine.optimizer).pop("scaled_global_norm", None)  # see _grad_norm_before_step
                     optimizer.skip_update = False
                     if "lr_spike" in injected:  # only when the scheduler did not already reset it
                         for g, lr in zip(optimizer.param_groups, lr_before):
@@ -527,7 +531,11 @@ def _grad_norm_before_step(engine, zero_stage: int) -> float | None:
         grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else None
     if zero_stage in (1, 2):  # reduced into this rank's partition; the norm helper all-reduces
-        return float(engine.optimizer.scaled_global_norm())
+        norm = engine.optimizer.scaled_global_norm()
+        # step() computes this same norm again for clipping: until it ran, the method hands back this one
+        # (an instance attribute shadowing the method; engine.step()'s caller removes it)
+        engine.optimizer.scaled_global_norm = lambda norm_type=2: norm
+        return float(norm)
     return None  # ZeRO-3 gathers its norm inside step(); the loss alone is judged
 
 
@@ -547,9 +555,6 @@ def _update_ratio(before: list[torch.Tensor], after: list[torch.Tensor]) -> floa
 
 
 def _memory_metrics(device: torch.device) -> dict[str, float]:
-    # glibc keeps freed heap pages (e.g. the full parameters ZeRO-3 partitioned away) in the process;
-    # returning them first makes rss_mb the memory in use rather than the allocator's high-water mark
-    _malloc_trim()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     out = {"memory/peak_rss_mb": peak_kib / 1024}
     try:
@@ -560,13 +565,6 @@ def _memory_metrics(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         out["memory/gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 def measure_matmul_tflops(precision: str, device: torch.device | str = "cpu", n: int = 1024, seconds: float = 0.5) -> float:

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -89,6 +90,7 @@ def run_ranks(job: TrainJob, job_path: Path, on_line: Callable[[str], None] | No
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # its own process group: a signal reaches every rank
     tail: list[str] = []
+    forwarded = _forward_signals(proc)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -96,15 +98,36 @@ def run_ranks(job: TrainJob, job_path: Path, on_line: Callable[[str], None] | No
             tail = (tail + [line])[-40:]
             on_line(line)
         code = proc.wait()
-    except BaseException:  # KeyboardInterrupt / SystemExit from a signal: let the ranks checkpoint and stop
+    except BaseException:  # e.g. KeyboardInterrupt: let the ranks checkpoint and stop, never orphan them
         _stop(proc)
         raise
+    finally:
+        forwarded()
     if code != 0 or not Path(job.result_path).is_file():
         if any(f"exitcode: {EXIT_INTERRUPTED}" in line or "TrainingInterrupted" in line for line in tail):
             raise TrainingInterrupted(f"the ranks were stopped and checkpointed in {job.checkpoint_dir}; rerun to resume")
         raise RuntimeError(f"{cfg.launcher} exited with code {code} before rank 0 wrote {job.result_path}; "
                            "its last lines:\n" + "\n".join(tail[-20:]))
     return json.loads(Path(job.result_path).read_text())
+
+
+def _forward_signals(proc: subprocess.Popen) -> Callable[[], None]:
+    """Pass SIGTERM/SIGINT on to the ranks' process group (they checkpoint and exit), instead of dying and
+    leaving them running; returns the function that restores the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # handlers can only be set from the main thread; _stop still runs on exceptions
+
+    def forward(signum, frame) -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:

@@ -8,6 +8,8 @@ import logging
 import sys
 import time
 
+from lm_core.engine import TrainingInterrupted
+from lm_core.launch import EXIT_INTERRUPTED
 from pipelines.config import load_config
 from pipelines.report import print_summary, quiet_environment
 from pipelines.runner import STAGES, preflight, run_pipeline
@@ -27,7 +29,11 @@ def main(argv: list[str]) -> int:
     quiet_environment(ws)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
-    results = run_pipeline(cfg, only=args.only, start=args.start, force=args.force)
+    try:
+        results = run_pipeline(cfg, only=args.only, start=args.start, force=args.force)
+    except TrainingInterrupted as exc:  # SIGTERM/Ctrl-C: a checkpoint was written; the same command resumes
+        print(f"python -m pipelines: stopped: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print_summary(cfg, ws, results, time.perf_counter() - started)
     return 0
 

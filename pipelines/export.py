@@ -42,7 +42,7 @@ def run(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageResult], for
         return {"files": len(list(out.iterdir())), "hf_layout": hf_note}
 
     result = run_stage(ws, STAGE, key(cfg, results), build, force)
-    tmp = ws.latest_export_file.with_suffix(".tmp")
+    tmp = ws.latest_export_file.with_suffix(f".tmp-{os.getpid()}")  # two runs exporting at once: no clash
     tmp.write_text(result.path)
     os.replace(tmp, ws.latest_export_file)
     return result

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
+from lm_core.checkpoints import checkpoint_tag, latest_tag
 from lm_core.engine import EVENTS_FILE, TrainResult, load_init_weights, train
 from lm_core.launch import TrainJob, run_ranks
 from lm_core.shards import open_documents, open_split
@@ -61,7 +62,9 @@ def run(cfg: PipelineConfig, ws: Workspace, shard: StageResult, tokenizer: Stage
     progress = progress or _log_progress
 
     def build(out: Path) -> dict:
-        if force:  # a forced rerun starts over instead of resuming the finished run
+        # a forced rerun of a finished run trains again from scratch; an interrupted run (SIGTERM, a kill)
+        # resumes from its checkpoint even when forced (`--only pretrain`), as its stop message promised
+        if force and latest_tag(checkpoints) == checkpoint_tag(cfg.train.max_steps):
             shutil.rmtree(checkpoints, ignore_errors=True)
             shutil.rmtree(tb_dir, ignore_errors=True)
         tok = Tokenizer(tokenizer_stage.model_path(tokenizer))

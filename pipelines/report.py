@@ -27,7 +27,8 @@ def print_summary(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageRe
         "ingest": ("read", "documents", "quarantined"), "dedup": ("read", "kept", "dropped"),
         "split": ("train_docs", "val_docs"), "tokenizer": ("vocab_size", "val_bytes_per_token"),
         "shard": ("train_num_tokens", "val_num_tokens"), "pretrain": ("steps", "final_train_loss", "tokens_per_s"),
-        "evaluate": ("val_bpb", "untrained_val_bpb", "val_perplexity"), "export": (), "register": ("model_name", "version", "alias"),
+        "evaluate": ("val_bpb", "untrained_val_bpb", "val_perplexity"), "export": (),
+        "register": ("model_name", "version", "alias", "promoted"),
     }
     for name, result in results.items():
         facts = ", ".join(f"{k}={_fmt(result.metrics.get(k))}" for k in headline.get(name, ()) if k in result.metrics)
@@ -37,6 +38,7 @@ def print_summary(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageRe
         print(f"\n  export: {results['export'].path}")
     print(
         "\nLook inside:\n"
+        f"  All three:   .venv/bin/lmforge ui --workspace {ws.root}   (Prefect :4200, MLflow :5000, TensorBoard :6006)\n"
         f"  Prefect UI:  PREFECT_HOME={ws.prefect_home} .venv/bin/prefect server start --host 127.0.0.1 --port 4200\n"
         f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {ws.mlflow_uri} --host 127.0.0.1 --port 5000 --workers 1\n"
         f"  TensorBoard: .venv/bin/tensorboard --logdir {ws.tensorboard} --host 127.0.0.1 --port 6006\n"

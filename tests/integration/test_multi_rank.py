@@ -101,3 +101,35 @@ def test_bad_hostfile_line_is_named(tmp_path):
     path.write_text("node-a slots=2\nnode-b 4\n")
     with pytest.raises(ValueError, match=r"hostfile:2: 'node-b 4' is not `hostname slots=N`"):
         read_hostfile(path)
+
+
+@pytest.mark.slow
+def test_sigterm_reaches_every_rank_then_the_same_command_resumes(tmp_path):
+    """SIGTERM to the pipeline: the ranks checkpoint and stop (none is left running), the command exits 75
+    saying how to resume, and running it again continues from that checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ws = tmp_path / "ws"
+    command = [sys.executable, "-m", "pipelines", "-c", "tiny", f"workspace={ws}", "train.nproc_per_node=2",
+               "train.max_steps=120", "train.checkpoint_every=20", "--only", "pretrain"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(ws.glob("checkpoints/*/step00000020")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint at step 20"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert "stopped" in err and "rerun to resume" in err
+    ranks = subprocess.run(["pgrep", "-f", str(ws)], capture_output=True, text=True).stdout.split()
+    assert ranks == [], "ranks outlived the pipeline"
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (result,) = ws.glob("artifacts/pretrain/*/ranks_result.json")
+    numbers = json.loads(result.read_text())
+    assert numbers["resumed_from_step"] >= 20 and numbers["steps"] == 120
