@@ -5,13 +5,15 @@ model where parameters, gradients and Adam moments (16 bytes per parameter in fp
 
 For each stage the benchmark starts `--ranks` ranks through torchrun on `python -m bench.zero_memory
 --worker`, which trains through `lm_core.engine.train` (micro batch 1, T=64, so activations stay small).
-Rank 0 resets its high-water mark after the first step (Linux clear_refs) and reads it after the last
-(`training_peak_rss_mb`: the peak while training, gradients, moments and activations included, set-up
-excluded); then it returns freed heap pages to the system (malloc_trim) and reads its resident set
-(`steady_rss_mb`: what stays allocated between steps). Every rank's whole-run peak is listed too. The baseline is ZeRO-0 in the same run; `ratio` = ZeRO-3 training
-peak per rank / ZeRO-0. Expected model state per rank (fp32, N ranks, P parameters; ZeRO-1/2 also keep an
-fp32 master copy of the rank's partition): stage 0 16P, stage 1 8P + 12P/N, stage 2 4P + 16P/N, stage 3
-16P/N bytes, on top of the process's fixed cost (torch, DeepSpeed, activations).
+Rank 0 measures three things: `tensor_mb`, every tensor storage it holds between steps (parameters,
+gradients, optimizer state, ZeRO's flat buffers; found through the garbage collector, each storage
+counted once): the model state ZeRO partitions; `training_peak_rss_mb`, its peak resident set over steps
+2..N (Linux clear_refs resets the high-water mark after step 1), transient buffers and activations
+included; `steady_rss_mb`, its resident set between steps after malloc_trim. Every rank's whole-run peak
+(which includes building the full model before ZeRO partitions it) is listed too. The baseline is
+ZeRO-0 in the same run; `ratio` = ZeRO-3 / ZeRO-0 `tensor_mb`. Expected model state per rank during a
+step (fp32, N ranks, P parameters; ZeRO-1/2 also keep an fp32 master copy of the rank's partition):
+stage 0 16P, stage 1 8P + 12P/N, stage 2 4P + 16P/N, stage 3 16P/N bytes.
 """
 
 from __future__ import annotations
@@ -50,23 +52,25 @@ def run(argv: list[str]) -> dict:
     # fp32: params 4 + grads 4 + Adam moments 8 bytes per parameter; ZeRO-1/2 also keep an fp32 master copy
     # of each rank's partition (4/N) even when the parameters are fp32
     expected = {"zero0": 16 * mb, "zero1": 8 * mb + 12 * mb / n, "zero2": 4 * mb + 16 * mb / n, "zero3": 16 * mb / n}
-    base = per_stage.get("zero0", {}).get("training_peak_rss_mb")
+    zero0 = per_stage.get("zero0")
     for name, row in per_stage.items():
         row["expected_state_mb"] = round(expected[name], 1)
-        if base:
-            row["vs_zero0"] = round(row["training_peak_rss_mb"] / base, 3)
-            row["saved_mb"] = round(base - row["training_peak_rss_mb"], 1)
-            row["expected_saved_mb"] = round(expected["zero0"] - expected[name], 1)
+        if zero0:
+            row["tensor_vs_zero0"] = round(row["tensor_mb"] / zero0["tensor_mb"], 3)
+            row["peak_vs_zero0"] = round(row["training_peak_rss_mb"] / zero0["training_peak_rss_mb"], 3)
+            row["expected_vs_zero0"] = round(expected[name] / expected["zero0"], 3)
     return {
-        "ratio": per_stage.get("zero3", {}).get("vs_zero0"),
-        "ratio_zero2": per_stage.get("zero2", {}).get("vs_zero0"),
+        "ratio": per_stage.get("zero3", {}).get("tensor_vs_zero0"),
+        "ratio_zero2": per_stage.get("zero2", {}).get("tensor_vs_zero0"),
         "stages": per_stage,
         "params": params,
         "ranks": args.ranks,
         "model": {"n_layer": args.layers, "n_embd": args.width, "vocab_size": args.vocab, "block_size": 64},
         "precision": "fp32",
-        "note": "RSS per rank on CPU (gloo); steady = rank 0's memory/rss_mb at the last step; peak includes "
-                "building the full model before ZeRO partitions it and the final checkpoint",
+        "note": "per rank, CPU (gloo). tensor_mb: every tensor storage rank 0 holds between steps (parameters, "
+                "gradients, optimizer state, ZeRO buffers), counted once; training_peak_rss_mb: rank 0's peak RSS "
+                "over steps 2..N; steady_rss_mb: its RSS between steps after malloc_trim; peak_rss_mb_per_rank: "
+                "whole run, including building the full model before ZeRO partitions it",
     }
 
 
@@ -87,8 +91,8 @@ def _launch(stage: int, args: argparse.Namespace, work: Path) -> dict:
     def printed(tag: str) -> float:
         return [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith(tag + " ")][0]
 
-    steps_peak, steady = printed("STEPS_PEAK"), printed("STEADY")
-    return {"training_peak_rss_mb": round(steps_peak, 1), "steady_rss_mb": round(steady, 1),
+    steps_peak, steady, live = printed("STEPS_PEAK"), printed("STEADY"), printed("LIVE")
+    return {"tensor_mb": round(live, 1), "training_peak_rss_mb": round(steps_peak, 1), "steady_rss_mb": round(steady, 1),
             "peak_rss_mb_per_rank": [round(p[1], 1) for p in peaks]}
 
 
@@ -96,7 +100,8 @@ def _worker(stage: int, steps: int, layers: int, width: int, vocab: int, work: P
     import numpy as np
     import torch
 
-    from lm_core.engine import TrainConfig, train
+    from lm_core.engine import train
+    from lm_core.train_config import TrainConfig
     from lm_core.model import GPTConfig
     from lm_core.stability import StabilityConfig
     from lm_core.tracking import MultiTracker
@@ -111,6 +116,7 @@ def _worker(stage: int, steps: int, layers: int, width: int, vocab: int, work: P
     tracker = MultiTracker()  # nothing to record: rank 0's progress callback measures
     training_peak: list[float] = []
     steady: list[float] = []
+    live: list[float] = []
 
     def on_step(m: dict) -> None:  # rank 0, after every step
         if m["step"] == 1:  # from here on the high-water mark covers training steps only, not set-up
@@ -121,6 +127,7 @@ def _worker(stage: int, steps: int, layers: int, width: int, vocab: int, work: P
             # first makes this the memory in use between steps rather than the allocator's high-water mark
             ctypes.CDLL("libc.so.6").malloc_trim(0)
             steady.append(_rss_mb())
+            live.append(_live_tensor_mb())
 
     try:
         train(model, cfg, shards, None, work / "ckpt", tracker, progress=on_step)
@@ -129,7 +136,28 @@ def _worker(stage: int, steps: int, layers: int, width: int, vocab: int, work: P
     if rank == 0:
         print("STEPS_PEAK " + json.dumps(training_peak[0]), flush=True)
         print("STEADY " + json.dumps(steady[0]), flush=True)
+        print("LIVE " + json.dumps(live[0]), flush=True)
     print("PEAK " + json.dumps([rank, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]), flush=True)
+
+
+def _live_tensor_mb() -> float:
+    """Bytes of every tensor storage this process holds (found through the garbage collector, gradients
+    included), each storage once: parameters, gradients, optimizer state, ZeRO's flat buffers."""
+    import gc
+
+    import torch
+
+    storages: dict[int, int] = {}
+    for obj in gc.get_objects():
+        try:
+            tensors = [obj, obj.grad] if isinstance(obj, torch.Tensor) else []
+        except Exception:  # noqa: BLE001 - some tensor subclasses refuse .grad
+            tensors = [obj]
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.untyped_storage().nbytes():
+                storage = t.untyped_storage()
+                storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(storages.values()) / 2**20
 
 
 def _rss_mb() -> float:

@@ -1,8 +1,8 @@
 """The one training loop: a GPT trained through a DeepSpeed engine (ZeRO), the only DeepSpeed import.
 
-World size 1 runs in-process (gloo, no launcher); N ranks come from DeepSpeed's launcher or torchrun,
-which set RANK/WORLD_SIZE. The DeepSpeed JSON is derived from TrainConfig, so batch sizes, lr and
-clipping live in one place. Mixed precision is torch.autocast(bf16) over fp32 master weights, which
+World size 1 runs in-process (gloo, no launcher); N ranks come from DeepSpeed's launcher or torchrun
+(lm_core.launch), which set RANK/WORLD_SIZE. The DeepSpeed JSON is derived from TrainConfig
+(lm_core.train_config), so batch sizes, lr and clipping live in one place. Mixed precision is torch.autocast(bf16) over fp32 master weights, which
 works the same on CPU (AMX) and GPU.
 
 Stability (lm_core.stability): every optimizer step is judged from its loss and pre-clip grad norm
@@ -15,7 +15,6 @@ tag and renamed into place, and SIGTERM/SIGINT finish the current step, checkpoi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import json
 import logging
@@ -27,7 +26,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,157 +36,12 @@ from lm_core.checkpoints import (SignalFlag, checkpoint_tag, latest_tag, load_ch
 from lm_core.loader import TokenLoader, segment_ids
 from lm_core.model import GPT, GPTConfig
 from lm_core.shards import ShardDocuments, sequential_windows
-from lm_core.stability import EventLog, FaultInjector, SpikeDetector, StabilityConfig, TrainingDiverged
+from lm_core.stability import EventLog, FaultInjector, SpikeDetector, TrainingDiverged
 from lm_core.tracking import Tracker
+from lm_core.train_config import TrainConfig, config_hash, deepspeed_config
 
 EVENTS_FILE = "events.jsonl"  # next to the checkpoints, so a resumed run appends to the same log
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    micro_batch_size: int = 16
-    global_batch_size: int = 16  # sequences per optimizer step; accumulation = global / (micro * world)
-    max_steps: int = 1000  # optimizer steps
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
-    warmup_steps: int = 50
-    schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warmup, constant, then linear decay
-    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps that decays
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    precision: Literal["fp32", "bf16"] = "bf16"
-    zero_stage: int = 1
-    # ZeRO's gradient reduce / parameter all-gather buckets, in elements. DeepSpeed's default (5e8) makes
-    # the bucket hold every gradient of a small model: a full-size copy on each rank, which undoes most of
-    # what ZeRO-2 partitions away.
-    zero_bucket_elements: int = 5_000_000
-    activation_checkpointing: bool = False  # recompute each block's activations in backward
-    document_attention: bool = False  # attention stays inside each packed document (block-diagonal causal mask)
-    compile: bool = False  # torch.compile the forward; falls back to eager if compiling fails
-    seed: int = 1337
-    log_every: int = 10
-    eval_every: int = 0  # validation loss every N steps (0: only at the end)
-    eval_windows: int = 16
-    checkpoint_every: int = 0  # 0: only the final checkpoint (and one on SIGTERM/SIGINT)
-    keep_checkpoints: int = 2
-    num_threads: int = 0  # torch intra-op threads; 0 leaves torch's default
-    peak_tflops: float = 0.0  # for MFU; 0 skips it, < 0 measures a matmul peak at start
-    # ranks: 1 trains in the calling process; more start `launcher` on this node (or on every node of a
-    # DeepSpeed hostfile: `host slots=N` lines), see lm_core.launch
-    # a model directory (lm_core.weights format, e.g. an export) whose weights start the run instead of a
-    # random init: continued pretraining; its model config must equal this run's
-    init_from: str = ""
-    nproc_per_node: int = 1
-    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
-    hostfile: str = ""  # multi-node: DeepSpeed's launcher only
-    stability: StabilityConfig = field(default_factory=StabilityConfig)
-
-    def validate(self) -> None:
-        for key in ("micro_batch_size", "global_batch_size", "max_steps", "log_every", "eval_windows", "keep_checkpoints",
-                    "zero_bucket_elements"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
-        if self.global_batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"train.global_batch_size={self.global_batch_size} is not divisible by train.micro_batch_size="
-                f"{self.micro_batch_size}; set train.global_batch_size to a multiple of {self.micro_batch_size}"
-            )
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"train.zero_stage={self.zero_stage} must be one of 0, 1, 2, 3")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"train.lr={self.lr} must be > 0 and train.min_lr_ratio={self.min_lr_ratio} in [0, 1]")
-        if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
-            raise ValueError(f"train.warmup_steps={self.warmup_steps} must be in [0, train.max_steps={self.max_steps}]")
-        if self.schedule not in ("cosine", "wsd"):
-            raise ValueError(f"train.schedule={self.schedule!r} is not supported; set train.schedule to cosine or wsd")
-        if not 0 <= self.decay_fraction <= 1:
-            raise ValueError(f"train.decay_fraction={self.decay_fraction} must be in [0, 1]")
-        if self.nproc_per_node < 1:
-            raise ValueError(f"train.nproc_per_node={self.nproc_per_node} must be >= 1")
-        if self.launcher not in ("torchrun", "deepspeed"):
-            raise ValueError(f"train.launcher={self.launcher!r} is not supported; set train.launcher to torchrun or deepspeed")
-        if self.hostfile and self.launcher != "deepspeed":
-            raise ValueError("train.hostfile needs DeepSpeed's launcher (torchrun takes no hostfile); "
-                             "set train.launcher=deepspeed")
-        if self.hostfile and (small := {h: n for h, n in read_hostfile(self.hostfile).items() if n < self.nproc_per_node}):
-            raise ValueError(f"train.hostfile gives {small} slots, fewer than train.nproc_per_node={self.nproc_per_node}; "
-                             "lower train.nproc_per_node or raise the slots")
-        self.grad_accum_steps(self.world_size())
-        self.stability.validate()
-
-    def world_size(self) -> int:
-        """Ranks in all: nproc_per_node on each node of the hostfile (one node without one)."""
-        return self.nproc_per_node * (len(read_hostfile(self.hostfile)) if self.hostfile else 1)
-
-    def grad_accum_steps(self, world_size: int) -> int:
-        per_step = self.micro_batch_size * world_size
-        if self.global_batch_size % per_step:
-            raise ValueError(
-                f"train.global_batch_size={self.global_batch_size} is not divisible by micro_batch_size*world_size="
-                f"{self.micro_batch_size}*{world_size}; set train.global_batch_size to a multiple of {per_step}"
-            )
-        return self.global_batch_size // per_step
-
-    def lr_multiplier(self, step: int) -> float:
-        """Linear warmup, then cosine decay (or wsd: constant, then linear decay over the last decay_fraction)
-        to min_lr_ratio; `step` counts optimizer steps from 0."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.schedule == "wsd":
-            decay_steps = max(1, round(self.decay_fraction * self.max_steps))
-            decay_start = max(self.warmup_steps, self.max_steps - decay_steps)
-            if step < decay_start:
-                return 1.0
-            progress = min(1.0, (step - decay_start) / max(1, self.max_steps - decay_start))
-            return 1.0 - (1.0 - self.min_lr_ratio) * progress
-        progress = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine
-
-
-def read_hostfile(path: str | Path) -> dict[str, int]:
-    """DeepSpeed's hostfile: one `hostname slots=N` per line (# comments): {host: slots}."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"train.hostfile={str(path)!r} does not exist; write one `hostname slots=N` line per node "
-                         "(see infra/hostfile.example) or unset train.hostfile")
-    hosts: dict[str, int] = {}
-    for number, raw in enumerate(path.read_text().splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].startswith("slots=") or not parts[1][6:].isdigit():
-            raise ValueError(f"{path}:{number}: {raw.strip()!r} is not `hostname slots=N`")
-        hosts[parts[0]] = int(parts[1][6:])
-    if not hosts:
-        raise ValueError(f"train.hostfile={str(path)!r} names no host; add `hostname slots=N` lines")
-    return hosts
-
-
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON, derived from TrainConfig so no number is written twice."""
-    return {
-        "train_batch_size": cfg.global_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage, "reduce_bucket_size": cfg.zero_bucket_elements,
-                              "allgather_bucket_size": cfg.zero_bucket_elements,
-                              **({"stage3_prefetch_bucket_size": cfg.zero_bucket_elements} if cfg.zero_stage == 3 else {})},
-        # we pass a torch AdamW (no FusedAdam JIT compile), which ZeRO calls "untested"
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-
-
-def config_hash(model_cfg: GPTConfig, cfg: TrainConfig) -> str:
-    data = {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)}
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass

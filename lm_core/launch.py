@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lm_core.engine import TrainConfig, TrainingInterrupted, read_hostfile
+from lm_core.engine import TrainingInterrupted
+from lm_core.train_config import TrainConfig, read_hostfile
 
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "ROLE_RANK")
 EXIT_INTERRUPTED = 75  # a rank stopped by SIGTERM/SIGINT after checkpointing (EX_TEMPFAIL: rerun to resume)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import yaml
 
-from lm_core.engine import TrainConfig
+from lm_core.train_config import TrainConfig
 from lm_core.generate import SamplingConfig
 from lm_core.model import GPTConfig
 from lm_core.tokenizer import TokenizerConfig

@@ -51,3 +51,13 @@ def tiny_cfg(tmp_path):
     from pipelines.config import load_config
 
     return load_config("tiny", [f"workspace={tmp_path / 'ws'}"])
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """An in-process training run (lm_core.engine.init_distributed) sets RANK/WORLD_SIZE/MASTER_PORT in this
+    process; a later test's subprocess that inherited them would try to bind the same rendezvous port.
+    Drop them before every test's fixtures are set up (module-scoped ones included); an in-process run
+    after that sets its own again, and torch.distributed, already initialised here, is simply reused."""
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)

@@ -63,7 +63,7 @@ def test_pretrain_stage_on_two_ranks(one_rank, launcher, zero_stage):
 
 
 def test_launch_commands(tmp_path):
-    from lm_core.engine import TrainConfig
+    from lm_core.train_config import TrainConfig
     from lm_core.launch import launch_command
 
     job = tmp_path / "job.json"
@@ -87,7 +87,7 @@ def test_launch_commands(tmp_path):
     (dict(launcher="mpirun"), "set train.launcher to torchrun or deepspeed"),
 ])
 def test_launch_config_errors(overrides, message):
-    from lm_core.engine import TrainConfig
+    from lm_core.train_config import TrainConfig
 
     with pytest.raises(ValueError) as err:
         TrainConfig(micro_batch_size=8, global_batch_size=16, **overrides).validate()
@@ -95,7 +95,7 @@ def test_launch_config_errors(overrides, message):
 
 
 def test_bad_hostfile_line_is_named(tmp_path):
-    from lm_core.engine import read_hostfile
+    from lm_core.train_config import read_hostfile
 
     path = tmp_path / "hostfile"
     path.write_text("node-a slots=2\nnode-b 4\n")

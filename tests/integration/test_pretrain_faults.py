@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from lm_core.engine import EVENTS_FILE, TrainConfig, train
+from lm_core.engine import EVENTS_FILE, train
+from lm_core.train_config import TrainConfig
 from lm_core.model import GPTConfig
 from lm_core.shards import open_documents, open_split
 from lm_core.stability import StabilityConfig, TrainingDiverged, read_events
@@ -165,7 +165,8 @@ import sys
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from lm_core.engine import TrainConfig, train
+from lm_core.engine import train
+from lm_core.train_config import TrainConfig
 from lm_core.model import GPTConfig
 from lm_core.shards import open_documents, open_split
 from lm_core.tracking import JsonlTracker
@@ -243,7 +244,7 @@ def test_sigterm_then_sigkill_then_resume_gives_identical_weights(tmp_path):
 
     # the uninterrupted run, in this process (same thread count, same seeds)
     namespace: dict = {}
-    exec("from lm_core.engine import TrainConfig\nfrom lm_core.model import GPTConfig\n" + SCRIPT_CONFIG, namespace)
+    exec("from lm_core.train_config import TrainConfig\nfrom lm_core.model import GPTConfig\n" + SCRIPT_CONFIG, namespace)
     tracker = JsonlTracker(tmp_path / "straight.jsonl")
     try:
         straight = train(namespace["model"], namespace["cfg"], open_split(shards, "train"), None, tmp_path / "straight", tracker)

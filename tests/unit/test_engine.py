@@ -12,7 +12,8 @@ import shutil
 import pytest
 import torch
 
-from lm_core.engine import TrainConfig, deepspeed_config, train
+from lm_core.engine import train
+from lm_core.train_config import TrainConfig, deepspeed_config
 from lm_core.model import GPT, GPTConfig
 from lm_core.shards import open_split
 from lm_core.tracking import JsonlTracker, read_history
