@@ -22,6 +22,7 @@ import argparse
 import ctypes
 import json
 import os
+import re
 import resource
 import socket
 import subprocess
@@ -87,9 +88,12 @@ def _launch(stage: int, args: argparse.Namespace, work: Path) -> dict:
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"zero{stage} ranks failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    peaks = sorted(json.loads(line[len("PEAK "):]) for line in proc.stdout.splitlines() if line.startswith("PEAK "))
+    # the two ranks share the pipe: find the tagged numbers anywhere, not only at line starts
+    found = re.findall(r"(STEPS_PEAK|STEADY|LIVE|PEAK) (\[[^\]]*\]|[0-9.]+)", proc.stdout)
+    peaks = sorted(json.loads(value) for tag, value in found if tag == "PEAK")
+
     def printed(tag: str) -> float:
-        return [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith(tag + " ")][0]
+        return [json.loads(value) for t, value in found if t == tag][0]
 
     steps_peak, steady, live = printed("STEPS_PEAK"), printed("STEADY"), printed("LIVE")
     return {"tensor_mb": round(live, 1), "training_peak_rss_mb": round(steps_peak, 1), "steady_rss_mb": round(steady, 1),
@@ -134,10 +138,11 @@ def _worker(stage: int, steps: int, layers: int, width: int, vocab: int, work: P
     finally:
         tracker.close()
     if rank == 0:
-        print("STEPS_PEAK " + json.dumps(training_peak[0]), flush=True)
-        print("STEADY " + json.dumps(steady[0]), flush=True)
-        print("LIVE " + json.dumps(live[0]), flush=True)
-    print("PEAK " + json.dumps([rank, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]), flush=True)
+        sys.stdout.write(f"STEPS_PEAK {training_peak[0]}\nSTEADY {steady[0]}\nLIVE {live[0]}\n")  # one write
+        sys.stdout.flush()
+    torch.distributed.barrier()  # rank 0's numbers first, then every rank's peak
+    sys.stdout.write("PEAK " + json.dumps([rank, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]) + "\n")
+    sys.stdout.flush()
 
 
 def _live_tensor_mb() -> float:

@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     dep.add_argument("--force", action="store_true", help="each run ignores cached outputs")
     dep.add_argument("--paused", action="store_true", help="create the schedule paused")
     dep.add_argument("--serve", action="store_true", help="also execute the deployment's runs in this process (blocks)")
+    dep.add_argument("--inbox", help="deploy the continue flow instead: each run ingests new files of this directory "
+                                     "and trains the champion on them (with --tokens)")
+    dep.add_argument("--tokens", type=int, help="continue flow: training budget per run, in tokens")
     dep.set_defaults(func=_cmd_deploy)
 
     ui = sub.add_parser("ui", help="start the Prefect UI, the MLflow UI and TensorBoard for a workspace (Ctrl-C stops)")

@@ -5,6 +5,9 @@ an absolute path), `only` / `start` (which stages rerun) and `force` — so the 
 schedule start the same run `lmforge run` would. The config is resolved when each run starts, so an
 edited YAML is picked up by the next scheduled run.
 
+With `--inbox DIR --tokens N` the deployment is of the continue flow (`flows/continue_flow.py`): each
+run ingests the inbox's new files and trains the champion on them, or does nothing when none is new.
+
 `lmforge deploy` registers (or updates) the deployment on the Prefect server in PREFECT_API_URL;
 `lmforge deploy --serve` also runs a process that executes its scheduled and UI-triggered runs
 (`flow.serve`: no work pool or worker needed). `infra/prefect.yaml` is the same deployment for
@@ -20,6 +23,7 @@ from typing import Any
 from lm_core.typed_config import ConfigError
 
 FLOW_NAME = "lmforge-pipeline"
+CONTINUE_FLOW_NAME = "lmforge-continue"
 
 
 def deployment_parameters(config: str, overrides: list[str], workspace: str | None = None, only: str | None = None,
@@ -34,16 +38,33 @@ def deployment_parameters(config: str, overrides: list[str], workspace: str | No
     return {"config_name": config_ref, "overrides": pinned, "only": only, "start": start, "force": force}
 
 
+def continue_parameters(parameters: dict[str, Any], inbox: str, tokens: int | None) -> dict[str, Any]:
+    """The continue flow's parameters: the pipeline's config reference plus the inbox and the budget."""
+    if not tokens or tokens < 1:
+        raise ConfigError("--inbox deploys the continue flow, which needs --tokens N (its training budget per run)")
+    if parameters["only"] or parameters["start"] or parameters["force"]:
+        raise ConfigError("--only/--from/--force are pipeline deployment options; the continue flow (--inbox) "
+                          "takes none of them")
+    return {"config_name": parameters["config_name"], "overrides": parameters["overrides"],
+            "inbox": str(Path(inbox).resolve()), "tokens": tokens}
+
+
 def build_deployment(name: str, cron: str | None, parameters: dict[str, Any], paused: bool = False):
-    """A RunnerDeployment of `lmforge-pipeline`; raises ConfigError for a cron Prefect cannot parse."""
+    """A RunnerDeployment of `lmforge-pipeline` (or `lmforge-continue` when the parameters name an inbox);
+    raises ConfigError for a cron Prefect cannot parse."""
     from prefect.deployments.runner import EntrypointType
 
+    from flows.continue_flow import continue_flow
     from flows.pipeline import pipeline_flow
 
+    flow, description = (
+        (continue_flow, "lmforge continue: new inbox files -> new snapshot -> the champion trains on -> gate")
+        if "inbox" in parameters else
+        (pipeline_flow, "lmforge pipeline: ingest → … → register; edit config_name/overrides/only/start/force per run"))
     try:
-        return pipeline_flow.to_deployment(
+        return flow.to_deployment(
             name=name, cron=cron, parameters=parameters, paused=paused, tags=["lmforge"],
-            description="lmforge pipeline: ingest → … → register; edit config_name/overrides/only/start/force per run",
+            description=description,
             # the serving process imports the flow by module path, whatever its working directory
             entrypoint_type=EntrypointType.MODULE_PATH,
         )
@@ -67,6 +88,8 @@ def main(args: argparse.Namespace) -> int:
     from pipelines.workspace import Workspace
 
     parameters = deployment_parameters(args.config, list(args.overrides), args.workspace, args.only, args.start, args.force)
+    if args.inbox:
+        parameters = continue_parameters(parameters, args.inbox, args.tokens)
     # PREFECT_HOME etc. before prefect is imported; the workspace is the last (pinned) override
     ws = Workspace(parameters["overrides"][-1].removeprefix("workspace="))
     ws.root.mkdir(parents=True, exist_ok=True)
@@ -75,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
     deployment = build_deployment(args.name, cron, parameters, paused=args.paused)
     api = require_server()
     deployment_id = deployment.apply()  # creates or updates it
-    full_name = f"{FLOW_NAME}/{args.name}"
+    full_name = f"{CONTINUE_FLOW_NAME if args.inbox else FLOW_NAME}/{args.name}"
     print(f"deployment {full_name} ({deployment_id}) on {api}\n  schedule: {cron or 'none (runs only when triggered)'}"
           f"{' (paused)' if args.paused else ''}\n  parameters: {parameters}")
     if not args.serve:

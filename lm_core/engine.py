@@ -244,6 +244,7 @@ def train(
                                 g["lr"] = lr
                     if before is not None:
                         update_ratio = _update_ratio(before, list(engine.module.parameters()))
+                        before = None  # a full copy of the parameters: free it now, not at the next step
             if injected:
                 event(step + 1, "injected_fault", "none", window=window, detail=",".join(injected))
 

@@ -31,7 +31,8 @@ def test_deployment_reads_back_with_cron_and_parameters(prefect_harness, tmp_pat
     from flows import deploy
 
     args = Namespace(config="tiny", overrides=["train.max_steps=7"], workspace=str(tmp_path / "ws"), name="test-nightly",
-                     cron="30 2 * * 1-5", only=None, start="pretrain", force=True, paused=False, serve=False)
+                     cron="30 2 * * 1-5", only=None, start="pretrain", force=True, paused=False, serve=False,
+                     inbox=None, tokens=None)
     assert deploy.main(args) == 0
     assert "lmforge-pipeline/test-nightly" in capsys.readouterr().out
 
@@ -54,6 +55,25 @@ def test_deployment_reads_back_with_cron_and_parameters(prefect_harness, tmp_pat
     assert again.id == deployment.id
     assert [s.schedule.cron for s in again.schedules] == ["0 4 * * *"]
     assert again.paused and not deployment.paused
+
+
+def test_continue_deployment_reads_back_with_its_inbox_and_budget(prefect_harness, tmp_path):
+    from flows import deploy
+
+    (tmp_path / "inbox").mkdir()
+    args = Namespace(config="tiny", overrides=[], workspace=str(tmp_path / "ws"), name="test-continue", cron="0 * * * *",
+                     only=None, start=None, force=False, paused=False, serve=False, inbox=str(tmp_path / "inbox"),
+                     tokens=50_000)
+    assert deploy.main(args) == 0
+    deployment = _read_deployment("lmforge-continue/test-continue")
+    assert deployment.entrypoint == "flows.continue_flow.continue_flow"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 * * * *"]
+    assert deployment.parameters == {"config_name": "tiny", "overrides": [f"workspace={(tmp_path / 'ws').resolve()}"],
+                                     "inbox": str((tmp_path / "inbox").resolve()), "tokens": 50_000}
+    with pytest.raises(ConfigError, match="needs --tokens"):
+        deploy.main(Namespace(**{**vars(args), "tokens": None}))
+    with pytest.raises(ConfigError, match="takes none of them"):
+        deploy.main(Namespace(**{**vars(args), "only": "pretrain"}))
 
 
 def test_bad_deploy_arguments_fail_before_anything_is_created(prefect_harness, tmp_path):
@@ -121,6 +141,8 @@ def test_infra_prefect_yaml_deploys_with_prefect_deploy(prefect_harness):
     assert nightly.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(repo)}}]
     rerun = _read_deployment("lmforge-pipeline/rerun")
     assert not rerun.schedules and rerun.parameters["start"] == "evaluate"
+    hourly = _read_deployment("lmforge-continue/hourly")
+    assert hourly.entrypoint == "flows/continue_flow.py:continue_flow" and hourly.parameters["tokens"] == 2_000_000
 
 
 def test_infra_docker_compose_is_well_formed():
