@@ -45,6 +45,19 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(scope="session")
+def tiny_cli_run(tmp_path_factory):
+    """`lmforge run -c tiny --no-prefect` once per session, as a user runs it: (root, workspace, the
+    completed process). Tests that share it only read the workspace or add to it."""
+    from process_fixtures import lmforge
+
+    root = tmp_path_factory.mktemp("cli")
+    ws = root / "ws"
+    done = lmforge("run", "-c", "tiny", "--no-prefect", "--workspace", ws, cwd=root, timeout=600)
+    assert done.returncode == 0, f"lmforge run failed ({done.returncode}):\n{done.stderr[-5000:]}"
+    return root, ws, done
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """The tiny pipeline config with its workspace in this test's temp dir."""

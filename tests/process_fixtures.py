@@ -20,6 +20,11 @@ DISTRIBUTED_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MAS
 HEALTH = {"prefect": "/api/health", "mlflow": "/health", "tensorboard": "/data/environment"}
 
 
+def lmforge(*args, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`lmforge ARGS...` as a user runs it, in `cwd`; its output captured."""
+    return subprocess.run([LMFORGE, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
 def child_env(drop: tuple[str, ...] = (), **values: str) -> dict[str, str]:
     """This process's environment for a child: without DISTRIBUTED_VARS and `drop`, plus `values`."""
     env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARS and k not in drop}

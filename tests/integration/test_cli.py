@@ -10,17 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from process_fixtures import lmforge
 
 from pipelines.config import load_config
 
 pytestmark = pytest.mark.integration
 
-_SCRIPT = Path(sys.executable).with_name("lmforge")
-LMFORGE = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "flows.cli"]
-
-
-def lmforge(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*LMFORGE, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def error_line(done: subprocess.CompletedProcess) -> str:
@@ -150,12 +145,8 @@ def test_config_prints_yaml_and_its_hash(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cli_workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    ws = root / "ws"
-    done = lmforge("run", "-c", "tiny", "--no-prefect", "--workspace", ws, cwd=root, timeout=600)
-    assert done.returncode == 0, f"lmforge run failed ({done.returncode}):\n{done.stderr[-5000:]}"
-    return root, ws, done
+def cli_workspace(tiny_cli_run):
+    return tiny_cli_run
 
 
 @pytest.mark.slow

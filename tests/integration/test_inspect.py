@@ -11,31 +11,19 @@ interchangeable variants together, on a stream where they really are interchange
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from process_fixtures import lmforge
 
 from lm_core.weights import load_model_dir
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-_SCRIPT = Path(sys.executable).with_name("lmforge")
-LMFORGE = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "flows.cli"]
-
-
-def lmforge(*args, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([*LMFORGE, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inspect")
-    ws = root / "ws"
-    done = lmforge("run", "-c", "tiny", "--no-prefect", "--workspace", ws, cwd=root, timeout=600)
-    assert done.returncode == 0, f"lmforge run failed ({done.returncode}):\n{done.stderr[-5000:]}"
+def trained(tiny_cli_run):
+    root, ws, _ = tiny_cli_run
     return root, ws, Path((ws / "LATEST_EXPORT").read_text().strip())
 
 
