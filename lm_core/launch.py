@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lm_core.engine import TrainingInterrupted
+from lm_core.engine import TrainingInterrupted, free_port
 from lm_core.train_config import TrainConfig, read_hostfile
 
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "ROLE_RANK")
@@ -85,7 +84,7 @@ def run_ranks(job: TrainJob, job_path: Path, on_line: Callable[[str], None] | No
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}  # this process may itself be rank 0 of 1
     env.setdefault("OMP_NUM_THREADS", str(job.train.get("num_threads") or 1))
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    command = launch_command(cfg, job_path, _free_port())
+    command = launch_command(cfg, job_path, free_port())
     log.info("starting %d ranks: %s", cfg.world_size(), " ".join(command))
     on_line = on_line or (lambda line: log.info("%s", line))
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -141,11 +140,6 @@ def _stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
