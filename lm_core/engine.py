@@ -2,8 +2,11 @@
 
 World size 1 runs in-process (gloo, no launcher); N ranks come from DeepSpeed's launcher or torchrun
 (lm_core.launch), which set RANK/WORLD_SIZE. The DeepSpeed JSON is derived from TrainConfig
-(lm_core.train_config), so batch sizes, lr and clipping live in one place. Mixed precision is torch.autocast(bf16) over fp32 master weights, which
-works the same on CPU (AMX) and GPU.
+(lm_core.train_config), so batch sizes, lr and clipping live in one place. Mixed precision is DeepSpeed's
+bf16 mode, the same on CPU and GPU: the model's parameters, activations and gradients are bf16 and the
+optimizer keeps fp32 master weights and Adam moments, which ZeRO partitions (1: optimizer state,
+2: + gradients, 3: + parameters), so every stage cuts the per-rank memory the ZeRO paper counts. The
+model handed back is built from the fp32 masters.
 
 Stability (lm_core.stability): every optimizer step is judged from its loss and pre-clip grad norm
 before the update is applied. A spike drops the update (the AdamW we hand DeepSpeed is gated, so ZeRO
@@ -173,7 +176,6 @@ def train(
         run.restore(load_checkpoint(engine, checkpoint_dir, tag), loader, detector)
     start_step = run.step
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     tokens_per_step = cfg.global_batch_size * model_cfg.block_size
     flops_per_token = model_cfg.flops_per_token()
     peak_tflops = cfg.peak_tflops if cfg.peak_tflops >= 0 else measure_matmul_tflops(cfg.precision, device)
@@ -206,7 +208,7 @@ def train(
             injected = faults.take(step)
             window = run.next_window(loader, accum)
             done = step + 1
-            measure_update = (done % cfg.log_every == 0 or done == cfg.max_steps) and cfg.zero_stage < 3
+            measure_update = done % cfg.log_every == 0 or done == cfg.max_steps
             step_loss, grad_norm, verdict, update_ratio = 0.0, None, None, None
             lr_before = [g["lr"] for g in optimizer.param_groups]
             step_lr = scheduler.get_last_lr()[0]  # the rate this step uses; the scheduler advances in engine.step()
@@ -218,8 +220,7 @@ def train(
                     batch = FaultInjector.corrupt(batch, model_cfg.vocab_size, seed=step * accum + micro)
                 tokens = torch.from_numpy(batch).to(device)
                 segments = torch.from_numpy(segment_ids(batch, bos_id)).to(device) if cfg.document_attention else None
-                with autocast:
-                    _, loss = engine(tokens[:, :-1], tokens[:, 1:], segments=segments)
+                _, loss = engine(tokens[:, :-1], tokens[:, 1:], segments=segments)  # bf16 or fp32, as the engine's module
                 if "nan" in injected:
                     loss = loss * float("nan")
                 engine.backward(loss)
@@ -233,7 +234,8 @@ def train(
                     if "lr_spike" in injected:
                         for g in optimizer.param_groups:
                             g["lr"] *= faults.lr_factor
-                    before = [p.detach().clone() for p in engine.module.parameters()] if measure_update else None
+                    steps_before = _adam_steps(optimizer)
+                    step_lrs = [g["lr"] for g in optimizer.param_groups]
                 engine.step()
                 if micro == accum - 1:
                     vars(engine.optimizer).pop("scaled_global_norm", None)  # see _grad_norm_before_step
@@ -242,9 +244,10 @@ def train(
                         for g, lr in zip(optimizer.param_groups, lr_before):
                             if g["lr"] == lr * faults.lr_factor:
                                 g["lr"] = lr
-                    if before is not None:
-                        update_ratio = _update_ratio(before, list(engine.module.parameters()))
-                        before = None  # a full copy of the parameters: free it now, not at the next step
+                    if measure_update:  # 0 when the update was dropped (by the gate or by DeepSpeed)
+                        stepped = _adam_steps(optimizer) != steps_before
+                        update_ratio = (_update_ratio(optimizer, _stepped_tensors(engine, optimizer, cfg.zero_stage), step_lrs,
+                                                      cfg.zero_stage > 0, world_size) if stepped else 0.0)
             if injected:
                 event(step + 1, "injected_fault", "none", window=window, detail=",".join(injected))
 
@@ -402,10 +405,50 @@ def _mean_over_ranks(value: float, world_size: int) -> float:
     return float(t[0]) / world_size
 
 
-def _update_ratio(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
-    """||theta_new - theta_old|| / ||theta_old|| over all parameters: how big a step the optimizer took."""
-    num = sum(float((a.detach() - b).float().pow(2).sum()) for a, b in zip(after, before))
-    den = sum(float(b.float().pow(2).sum()) for b in before)
+def _adam_steps(optimizer: torch.optim.Optimizer) -> float:
+    """The step counter of the optimizer's first state: it moves only when an update was applied."""
+    for state in optimizer.state.values():
+        return float(state["step"])
+    return 0.0
+
+
+def _stepped_tensors(engine, optimizer: torch.optim.Optimizer, zero_stage: int) -> list[tuple[torch.Tensor, int]]:
+    """(tensor the optimizer stepped, its param group) pairs: the fp32 masters, or this rank's partitions."""
+    if zero_stage == 3:  # ZeRO-3 hands the optimizer one sub-group at a time and empties the groups after
+        zero = engine.optimizer
+        return [(flat, zero.sub_group_to_group_id[i]) for i, flat in enumerate(zero.fp32_partitioned_groups_flat)]
+    return [(param, index) for index, group in enumerate(optimizer.param_groups) for param in group["params"]]
+
+
+@torch.no_grad()
+def _update_ratio(optimizer: torch.optim.Optimizer, tensors: list[tuple[torch.Tensor, int]], lrs: list[float],
+                  partitioned: bool, world_size: int, chunk: int = 1 << 20) -> float:
+    """||theta_new - theta_old|| / ||theta_old|| of the AdamW update just applied: how big a step it took.
+
+    Rebuilt from the optimizer's own tensors (the fp32 master weights or partitions it stepped and its
+    moments) rather than from a copy of the parameters taken before the step, which would cost a full
+    model's memory at every logged step: AdamW set theta_new = theta_old * (1 - lr*wd) - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps),
+    so theta_old follows from theta_new, m and v, a chunk at a time. ZeRO partitions are summed over ranks."""
+    num = den = 0.0
+    for param, index in tensors:
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        group, lr = optimizer.param_groups[index], lrs[index]
+        (beta1, beta2), eps, wd = group["betas"], group["eps"], group["weight_decay"]
+        t = float(state["step"])
+        step_size, bc2_sqrt = lr / (1 - beta1**t), math.sqrt(1 - beta2**t)
+        new_all, m_all, v_all = param.detach().view(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+        for i in range(0, new_all.numel(), chunk):
+            new = new_all[i:i + chunk].float()
+            m, v = m_all[i:i + chunk].float(), v_all[i:i + chunk].float()
+            old = (new + step_size * m / (v.sqrt() / bc2_sqrt + eps)) / (1 - lr * wd)
+            num += float((new - old).pow(2).sum())
+            den += float(old.pow(2).sum())
+    if partitioned and world_size > 1:  # each rank stepped its own partition
+        sums = torch.tensor([num, den], dtype=torch.float64)
+        torch.distributed.all_reduce(sums)
+        num, den = float(sums[0]), float(sums[1])
     return math.sqrt(num) / max(math.sqrt(den), 1e-12)
 
 
@@ -490,10 +533,9 @@ def evaluate_loss(model: torch.nn.Module, val_shards: list[np.ndarray], block_si
 
 
 def _consolidated_model(engine, model_cfg: GPTConfig, cfg: TrainConfig, checkpoint_dir: Path) -> GPT:
-    """A plain fp32 GPT with full weights, whatever the ZeRO stage sharded."""
-    if cfg.zero_stage < 3:
-        model = engine.module
-    else:
+    """A plain fp32 GPT with the full fp32 weights, whatever ZeRO sharded: in bf16 these are the optimizer's
+    master weights, not the bf16 copies the forward ran on. Every rank calls it (ZeRO-1/2 gather)."""
+    if cfg.zero_stage == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         model = GPT(model_cfg)
@@ -501,7 +543,27 @@ def _consolidated_model(engine, model_cfg: GPTConfig, cfg: TrainConfig, checkpoi
         model.load_state_dict(state, strict=False)
         if model_cfg.tie_embeddings:
             model.lm_head.weight = model.wte.weight
-    return model.float().cpu().eval()
+        return model.float().cpu().eval()
+    model = engine.module
+    if cfg.precision != "fp32":
+        masters = _fp32_masters(engine, cfg.zero_stage)
+        model.float()  # in place: the same Parameter objects, now fp32
+        with torch.no_grad():
+            for param, master in zip(model.parameters(), masters):
+                param.copy_(master.view_as(param))
+    return model.cpu().eval()
+
+
+def _fp32_masters(engine, zero_stage: int) -> list[torch.Tensor]:
+    """The fp32 master weight of each parameter of engine.module (in parameters() order), full size."""
+    params = list(engine.module.parameters())
+    if zero_stage == 0:  # DeepSpeed's unfused bf16 optimizer: one fp32 tensor per parameter
+        opt = engine.optimizer
+        master_of = {id(low): high for lows, highs in zip(opt.fp16_groups, opt.fp32_groups) for low, high in zip(lows, highs)}
+        return [master_of[id(p)] for p in params]
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return [safe_get_full_fp32_param(p) for p in params]  # ZeRO-1/2: gathers the rank partitions
 
 
 def free_port() -> int:

@@ -32,6 +32,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    # bf16: DeepSpeed's bf16 mode: parameters, activations and gradients in bf16, fp32 master weights and
+    # Adam moments inside the (ZeRO-partitioned) optimizer, exported as the fp32 masters. fp32: no casting.
     precision: Literal["fp32", "bf16"] = "bf16"
     zero_stage: int = 1
     # ZeRO's gradient reduce / parameter all-gather buckets, in elements. DeepSpeed's default (5e8) makes
@@ -149,14 +151,30 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
         "gradient_clipping": cfg.grad_clip,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        # ZeRO-2 turns each rank's bf16 gradient partition into an fp32 copy for the step anyway; accumulating
+        # (and reducing) gradients in fp32 from the start makes that buffer the optimizer's gradient, with no
+        # bf16 partition and no copy. ZeRO-0 (DeepSpeed allows only bf16 there), ZeRO-1 (fp32 would switch to
+        # DeepSpeed's BF16_Optimizer with full-size fp32 gradients) and ZeRO-3 (whose step converts one
+        # sub-group at a time) accumulate in bf16.
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if cfg.precision == "bf16" and cfg.zero_stage == 2 else {}),
         "zero_optimization": {"stage": cfg.zero_stage, "reduce_bucket_size": cfg.zero_bucket_elements,
                               "allgather_bucket_size": cfg.zero_bucket_elements,
-                              **({"stage3_prefetch_bucket_size": cfg.zero_bucket_elements} if cfg.zero_stage == 3 else {})},
+                              **(_zero3_limits(cfg.zero_bucket_elements) if cfg.zero_stage == 3 else {})},
         # we pass a torch AdamW (no FusedAdam JIT compile), which ZeRO calls "untested"
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def _zero3_limits(elements: int) -> dict:
+    """ZeRO-3's memory knobs, all at the bucket size. DeepSpeed's defaults (1e9 elements) keep every gathered
+    parameter alive from the forward to its reuse in the backward, which is the whole model for a small
+    one; with these, a gathered parameter is released after use and fetched again, the step works on
+    sub-groups (its fp32 copy of the gradients is one sub-group, not the rank's whole partition)."""
+    return {"stage3_prefetch_bucket_size": elements, "stage3_max_live_parameters": elements,
+            "stage3_max_reuse_distance": elements, "sub_group_size": elements}
 
 
 def config_hash(model_cfg: GPTConfig, cfg: TrainConfig) -> str:

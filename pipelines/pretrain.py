@@ -32,7 +32,7 @@ from pipelines import tokenizer as tokenizer_stage
 from pipelines.config import ConfigError, PipelineConfig
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
-STAGE, VERSION = "pretrain", "1"
+STAGE, VERSION = "pretrain", "2"  # 2: bf16 is DeepSpeed's bf16 mode (fp32 masters in the optimizer), not autocast
 MODEL_DIR, HISTORY_FILE = "model", "history.jsonl"
 EVENTS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS training_events (

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from lm_core.engine import train
+from lm_core.engine import _update_ratio, train
 from lm_core.train_config import TrainConfig, deepspeed_config
 from lm_core.model import GPT, GPTConfig
 from lm_core.shards import open_split
@@ -90,6 +90,33 @@ def test_deepspeed_config_is_derived():
                                        "allgather_bucket_size": cfg.zero_bucket_elements}
     with pytest.raises(ValueError, match="multiple of 12"):
         deepspeed_config(cfg, world_size=3)
+
+
+@pytest.mark.parametrize("precision, enabled", [("bf16", True), ("fp32", False)])
+def test_deepspeed_bf16_mode_follows_precision(precision, enabled):
+    assert deepspeed_config(TrainConfig(precision=precision), world_size=1)["bf16"] == {"enabled": enabled}
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_update_ratio_is_rebuilt_from_the_optimizer_state(fused):
+    """The update/param ratio from AdamW's moments equals the one from a copy of the weights before the step."""
+    torch.manual_seed(0)
+    model = GPT(MODEL)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=3e-3, fused=fused)
+    for _ in range(3):
+        tokens = torch.randint(0, VOCAB, (4, 17))
+        model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        lrs = [g["lr"] for g in opt.param_groups]
+        opt.step()
+        opt.zero_grad()
+        moved = math.sqrt(sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(model.parameters(), before)))
+        expected = moved / math.sqrt(sum(float(b.pow(2).sum()) for b in before))
+        tensors = [(p, i) for i, g in enumerate(opt.param_groups) for p in g["params"]]
+        assert _update_ratio(opt, tensors, lrs, partitioned=False, world_size=1, chunk=100) == pytest.approx(expected, rel=1e-5)
 
 
 # --- the training loop --------------------------------------------------------------------------
@@ -236,11 +263,12 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_checkpoints_resume_exactly(shards, tmp_path, stage):
-    """ZeRO-2/3 checkpoints save and reload: 6 steps straight equal 3 steps + resume to 6 (fp32, CPU)."""
+@pytest.mark.parametrize("stage, precision", [(2, "fp32"), (3, "fp32"), (2, "bf16")])
+def test_zero_checkpoints_resume_exactly(shards, tmp_path, stage, precision):
+    """ZeRO-2/3 checkpoints save and reload: 6 steps straight equal 3 steps + resume to 6 (CPU); in bf16
+    the checkpoint carries the fp32 master weights, so resuming is exact there too."""
     cfg = dict(zero_stage=stage, max_steps=6, warmup_steps=1, log_every=3, eval_every=0, checkpoint_every=3,
-               keep_checkpoints=3)
+               keep_checkpoints=3, precision=precision)
     full = run_train(train_config(**cfg), shards, tmp_path / "full", tmp_path / "full.jsonl")
     (tmp_path / "part").mkdir()
     shutil.copytree(tmp_path / "full" / "step00000003", tmp_path / "part" / "step00000003")
@@ -249,6 +277,25 @@ def test_zero_checkpoints_resume_exactly(shards, tmp_path, stage):
     assert resumed.resumed_from_step == 3
     for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_bf16_trains_bf16_weights_and_hands_back_the_fp32_masters(shards, tmp_path, stage):
+    """precision=bf16 is DeepSpeed's bf16 mode: the forward runs on bf16 parameters, the optimizer steps fp32
+    master weights (ZeRO-partitioned from stage 1), and the model handed back holds those masters."""
+    cfg = train_config(precision="bf16", zero_stage=stage, max_steps=30, eval_every=0, checkpoint_every=0)
+    result = run_train(cfg, shards, tmp_path / "ckpt", tmp_path / "h.jsonl")
+    history = read_history(tmp_path / "h.jsonl")
+    losses = metric(history, "train/loss")
+    assert losses[-1][1] < losses[0][1] - 0.5, losses
+    ratios = metric(history, "train/update_ratio")  # every stage, ZeRO-3 included
+    assert [s for s, _ in ratios] == [10, 20, 30] and all(0 < r < 1 for _, r in ratios)
+    params = list(result.model.parameters())
+    assert all(p.dtype == torch.float32 for p in params)
+    # the masters carry more bits than bf16: rounding them to bf16 changes them
+    assert any(not torch.equal(p, p.bfloat16().float()) for p in params)
+    assert result.final_val_loss is not None and math.isfinite(result.final_val_loss)
 
 
 def test_document_attention_needs_bos_id(shards, tmp_path):
