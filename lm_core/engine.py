@@ -39,7 +39,7 @@ from lm_core.checkpoints import (SignalFlag, checkpoint_tag, latest_tag, load_ch
 from lm_core.loader import TokenLoader, segment_ids
 from lm_core.model import GPT, GPTConfig
 from lm_core.shards import ShardDocuments, sequential_windows
-from lm_core.stability import EventLog, FaultInjector, SpikeDetector, TrainingDiverged
+from lm_core.stability import GRAD_SPIKE_FACTOR, EventLog, FaultInjector, SpikeDetector, TrainingDiverged
 from lm_core.tracking import Tracker
 from lm_core.train_config import TrainConfig, config_hash, deepspeed_config
 
@@ -97,6 +97,20 @@ def load_init_weights(model_dir: str | Path, model_cfg: GPTConfig) -> GPT:
     return model
 
 
+def precision_problem(precision: str) -> str | None:
+    """Why this machine cannot train in `precision`, or None: DeepSpeed runs fp16 only where the device has
+    fp16 kernels (a CUDA GPU; CPUs with AVX512-FP16)."""
+    if precision != "fp16":
+        return None
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().is_fp16_supported():
+        return None
+    return (f"train.precision=fp16 needs a device with fp16 kernels (a CUDA GPU); DeepSpeed's "
+            f"{get_accelerator().device_name()} accelerator here has none: set train.precision=bf16 (the same "
+            "memory, no loss scaling needed) or fp32")
+
+
 def init_distributed() -> int:
     """Initialise torch.distributed for DeepSpeed; a process with no launcher becomes rank 0 of 1."""
     import deepspeed
@@ -127,6 +141,8 @@ def train(
     if cfg.document_attention and bos_id is None:
         raise ValueError("train.document_attention=true needs the tokenizer's bos_id to find document starts; "
                          "pass bos_id to lm_core.engine.train")
+    if problem := precision_problem(cfg.precision):
+        raise ValueError(problem)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -180,6 +196,7 @@ def train(
     flops_per_token = model_cfg.flops_per_token()
     peak_tflops = cfg.peak_tflops if cfg.peak_tflops >= 0 else measure_matmul_tflops(cfg.precision, device)
     gated = cfg.stability.enabled
+    loss_scaled = cfg.precision == "fp16"  # DeepSpeed's dynamic loss scaling: gradients are multiplied by it
     hash_ = config_hash(model_cfg, cfg)
 
     def save(step_done: int) -> None:
@@ -209,7 +226,8 @@ def train(
             window = run.next_window(loader, accum)
             done = step + 1
             measure_update = done % cfg.log_every == 0 or done == cfg.max_steps
-            step_loss, grad_norm, verdict, update_ratio = 0.0, None, None, None
+            step_loss, grad_norm, verdict, update_ratio, overflow = 0.0, None, None, None, False
+            scale_before = engine.optimizer.loss_scale if loss_scaled else None
             lr_before = [g["lr"] for g in optimizer.param_groups]
             step_lr = scheduler.get_last_lr()[0]  # the rate this step uses; the scheduler advances in engine.step()
             step_windows: list[int] = []  # this rank's loader windows of the step, for the events
@@ -223,14 +241,19 @@ def train(
                 _, loss = engine(tokens[:, :-1], tokens[:, 1:], segments=segments)  # bf16 or fp32, as the engine's module
                 if "nan" in injected:
                     loss = loss * float("nan")
-                engine.backward(loss)
+                engine.backward(loss * GRAD_SPIKE_FACTOR if "grad_spike" in injected else loss)
                 step_loss += loss.item() / accum
                 if micro == accum - 1:  # the boundary: gradients are reduced, the update not yet applied
                     if gated:
                         step_loss = _mean_over_ranks(step_loss, world_size)
                         grad_norm = _grad_norm_before_step(engine, cfg.zero_stage)
-                        verdict = detector.check(step_loss, grad_norm)
-                        optimizer.skip_update = verdict.action != "ok"
+                        if grad_norm is not None and loss_scaled:
+                            grad_norm /= engine.optimizer.loss_scale
+                        # fp16 gradients that overflowed at this loss scale are loss scaling at work, not
+                        # a spike: DeepSpeed skips the step and lowers the scale (the event is logged below)
+                        if not (loss_scaled and math.isfinite(step_loss) and not math.isfinite(grad_norm or 0.0)):
+                            verdict = detector.check(step_loss, grad_norm)
+                            optimizer.skip_update = verdict.action != "ok"
                     if "lr_spike" in injected:
                         for g in optimizer.param_groups:
                             g["lr"] *= faults.lr_factor
@@ -239,6 +262,7 @@ def train(
                 engine.step()
                 if micro == accum - 1:
                     vars(engine.optimizer).pop("scaled_global_norm", None)  # see _grad_norm_before_step
+                    overflow = loss_scaled and not engine.was_step_applied()
                     optimizer.skip_update = False
                     if "lr_spike" in injected:  # only when the scheduler did not already reset it
                         for g, lr in zip(optimizer.param_groups, lr_before):
@@ -250,6 +274,10 @@ def train(
                                                       cfg.zero_stage > 0, world_size) if stepped else 0.0)
             if injected:
                 event(step + 1, "injected_fault", "none", window=window, detail=",".join(injected))
+            if overflow:
+                event(done, "loss_scale_overflow", "skip_update", window=window,
+                      detail=f"fp16 gradients overflowed at loss scale {scale_before:g}; DeepSpeed skipped the step "
+                             f"(loss scale now {engine.optimizer.loss_scale:g})")
 
             if verdict is not None and verdict.action == "rollback":
                 spike_info = dict(metric=verdict.metric, value=verdict.value, threshold=verdict.threshold, window=window,
@@ -288,6 +316,8 @@ def train(
                 }
                 if update_ratio is not None:
                     metrics["train/update_ratio"] = update_ratio
+                if loss_scaled:
+                    metrics["train/loss_scale"] = float(engine.optimizer.loss_scale)
                 if peak_tflops > 0:
                     metrics["train/mfu"] = metrics["train/tokens_per_s"] * flops_per_token / (peak_tflops * 1e12)
                 if val_shards is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
@@ -467,7 +497,7 @@ def _memory_metrics(device: torch.device) -> dict[str, float]:
 
 def measure_matmul_tflops(precision: str, device: torch.device | str = "cpu", n: int = 1024, seconds: float = 0.5) -> float:
     """Achieved TFLOP/s of square matmuls in this precision: the peak that MFU is measured against."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up (kernel selection, AMX tile setup)

@@ -22,6 +22,32 @@ from torch import Tensor
 from lm_core.typed_config import ConfigError  # a ValueError; lets the pipeline report all config errors alike
 
 
+# Model shapes by name, from the CI model to GPT-2 small and medium. The gpt2-* presets are GPT-2's own
+# recipe (learned positions, LayerNorm, GELU, biases, 1024 tokens of context): 124M / 355M parameters
+# with GPT-2's 50257-token vocabulary (the vocabulary size comes from the tokenizer; embeddings scale
+# with it). Any key set next to a preset wins over it.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=64),
+    "small": dict(n_layer=4, n_head=4, n_embd=256, block_size=256),
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, pos="learned", norm="layernorm", mlp="gelu",
+                      bias=True),
+    "gpt2-350m": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, pos="learned", norm="layernorm",
+                      mlp="gelu", bias=True),
+}
+
+
+def preset_fields(name: str) -> dict:
+    """The GPTConfig fields a named shape (PRESETS) sets."""
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset={name!r} is not a preset; choose one of {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def preset(name: str, **overrides) -> "GPTConfig":
+    """The GPTConfig of a named shape, with `overrides` on top."""
+    return GPTConfig(**{**preset_fields(name), **overrides})
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 4096

@@ -27,7 +27,10 @@ from typing import Literal
 
 import numpy as np
 
-FAULT_KINDS = ("nan", "corrupt_batch", "lr_spike")
+# grad_spike multiplies one step's gradients (not its loss) by GRAD_SPIKE_FACTOR: a grad-norm spike, or an
+# fp16 overflow that DeepSpeed's loss scaling absorbs
+FAULT_KINDS = ("nan", "corrupt_batch", "lr_spike", "grad_spike")
+GRAD_SPIKE_FACTOR = 1e6
 METRICS = ("loss", "grad_norm")
 LEVEL_SPAN = 5  # recent accepted values whose median is the reference level
 
@@ -43,7 +46,7 @@ class StabilityConfig:
     patience: int = 3  # this many spikes in a row roll back instead of skipping
     max_rollbacks: int = 3  # one more rollback than this stops the run with TrainingDiverged
     lr_spike_factor: float = 100.0  # what an injected lr_spike multiplies the rate by
-    inject_fault: str = ""  # tests only: "kind@step[,kind@step...]", kind in nan|corrupt_batch|lr_spike
+    inject_fault: str = ""  # tests only: "kind@step[,kind@step...]", kind in nan|corrupt_batch|lr_spike|grad_spike
 
     def validate(self) -> None:
         for key in ("window", "min_history", "patience"):

@@ -33,8 +33,10 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     # bf16: DeepSpeed's bf16 mode: parameters, activations and gradients in bf16, fp32 master weights and
-    # Adam moments inside the (ZeRO-partitioned) optimizer, exported as the fp32 masters. fp32: no casting.
-    precision: Literal["fp32", "bf16"] = "bf16"
+    # Adam moments inside the (ZeRO-partitioned) optimizer, exported as the fp32 masters. fp16: the same with
+    # fp16 and dynamic loss scaling (a GPU: DeepSpeed refuses fp16 where the device has no fp16 kernels).
+    # fp32: no casting.
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     zero_stage: int = 1
     # ZeRO's gradient reduce / parameter all-gather buckets, in elements. DeepSpeed's default (5e8) makes
     # the bucket hold every gradient of a small model: a full-size copy on each rank, which undoes most of
@@ -73,6 +75,9 @@ class TrainConfig:
             )
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"train.zero_stage={self.zero_stage} must be one of 0, 1, 2, 3")
+        if self.precision == "fp16" and self.zero_stage == 0:
+            raise ValueError("train.precision=fp16 needs train.zero_stage >= 1: DeepSpeed's ZeRO-0 fp16 optimizer "
+                             "unscales gradients that its engine never scaled; set train.zero_stage=1 (or use bf16)")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.lr={self.lr} must be > 0 and train.min_lr_ratio={self.min_lr_ratio} in [0, 1]")
         if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
@@ -152,12 +157,16 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
         "gradient_clipping": cfg.grad_clip,
         "bf16": {"enabled": cfg.precision == "bf16"},
-        # ZeRO-2 turns each rank's bf16 gradient partition into an fp32 copy for the step anyway; accumulating
+        # dynamic loss scaling: start at 2^16; a step whose gradients overflow is skipped and (from the second
+        # overflow on: hysteresis 2) halves the scale; 1000 clean steps double it
+        **({"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                     "hysteresis": 2, "min_loss_scale": 1}} if cfg.precision == "fp16" else {}),
+        # ZeRO-2 turns each rank's 16-bit gradient partition into an fp32 copy for the step anyway; accumulating
         # (and reducing) gradients in fp32 from the start makes that buffer the optimizer's gradient, with no
-        # bf16 partition and no copy. ZeRO-0 (DeepSpeed allows only bf16 there), ZeRO-1 (fp32 would switch to
-        # DeepSpeed's BF16_Optimizer with full-size fp32 gradients) and ZeRO-3 (whose step converts one
-        # sub-group at a time) accumulate in bf16.
-        **({"data_types": {"grad_accum_dtype": "fp32"}} if cfg.precision == "bf16" and cfg.zero_stage == 2 else {}),
+        # 16-bit partition and no copy. ZeRO-0 (DeepSpeed allows only the model's dtype there), ZeRO-1 (fp32
+        # would switch bf16 to DeepSpeed's BF16_Optimizer with full-size fp32 gradients) and ZeRO-3 (whose step
+        # converts one sub-group at a time) accumulate in the model's 16-bit dtype.
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if cfg.precision != "fp32" and cfg.zero_stage == 2 else {}),
         "zero_optimization": {"stage": cfg.zero_stage, "reduce_bucket_size": cfg.zero_bucket_elements,
                               "allgather_bucket_size": cfg.zero_bucket_elements,
                               **(_zero3_limits(cfg.zero_bucket_elements) if cfg.zero_stage == 3 else {})},

@@ -12,7 +12,7 @@ import yaml
 
 from lm_core.train_config import TrainConfig
 from lm_core.generate import SamplingConfig
-from lm_core.model import GPTConfig
+from lm_core.model import GPTConfig, preset_fields
 from lm_core.tokenizer import TokenizerConfig
 from lm_core.typed_config import ConfigError, build, to_dict
 from pipelines.neardup import NearDupConfig
@@ -225,6 +225,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read YAML (a path, or a name under configs/), apply `a.b=value` overrides, validate."""
     data = _read_yaml(resolve_config_path(path or "default"))
     for item in overrides or []:
+        if item.partition("=")[0].strip() == "model.preset":  # a new shape: the file's model keys go, later ones apply
+            data["model"] = {}
         _apply_override(data, item)
     return from_dict(data)
 
@@ -234,6 +236,8 @@ def from_dict(data: dict[str, Any]) -> PipelineConfig:
     tokenizer_vocab = (data.get("tokenizer") or {}).get("vocab_size", TokenizerConfig.vocab_size)
     data.setdefault("model", {})
     if isinstance(data["model"], dict):
+        if "preset" in data["model"]:  # a named shape (lm_core.model.PRESETS); keys set next to it win
+            data["model"] = {**preset_fields(data["model"].pop("preset")), **data["model"]}
         data["model"].setdefault("vocab_size", tokenizer_vocab)
     try:
         return build(PipelineConfig, data)

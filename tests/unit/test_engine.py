@@ -16,6 +16,7 @@ from lm_core.engine import _update_ratio, train
 from lm_core.train_config import TrainConfig, deepspeed_config
 from lm_core.model import GPT, GPTConfig
 from lm_core.shards import open_split
+from lm_core.stability import StabilityConfig
 from lm_core.tracking import JsonlTracker, read_history
 from shard_fixtures import write_counting_shards
 
@@ -36,6 +37,7 @@ from shard_fixtures import write_counting_shards
         (dict(min_lr_ratio=1.5), "train.min_lr_ratio=1.5 in [0, 1]"),
         (dict(warmup_steps=20, max_steps=10), "train.warmup_steps=20 must be in [0, train.max_steps=10]"),
         (dict(warmup_steps=-1), "train.warmup_steps=-1 must be in [0"),
+        (dict(precision="fp16", zero_stage=0), "train.precision=fp16 needs train.zero_stage >= 1"),
     ],
 )
 def test_validate_messages(overrides, message):
@@ -92,9 +94,29 @@ def test_deepspeed_config_is_derived():
         deepspeed_config(cfg, world_size=3)
 
 
-@pytest.mark.parametrize("precision, enabled", [("bf16", True), ("fp32", False)])
-def test_deepspeed_bf16_mode_follows_precision(precision, enabled):
-    assert deepspeed_config(TrainConfig(precision=precision), world_size=1)["bf16"] == {"enabled": enabled}
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_deepspeed_precision_modes_follow_train_precision(precision):
+    ds = deepspeed_config(TrainConfig(precision=precision, zero_stage=2), world_size=1)
+    assert ds["bf16"] == {"enabled": precision == "bf16"}
+    assert ds.get("fp16", {}).get("enabled", False) == (precision == "fp16")
+    if precision == "fp16":
+        assert ds["fp16"]["loss_scale"] == 0  # dynamic
+    # ZeRO-2 accumulates 16-bit gradients in fp32 (its partition is the optimizer's fp32 gradient)
+    assert ds.get("data_types") == (None if precision == "fp32" else {"grad_accum_dtype": "fp32"})
+
+
+def test_fp16_is_refused_where_deepspeed_has_no_fp16_kernels(tmp_path):
+    from deepspeed.accelerator import get_accelerator
+
+    from lm_core.engine import precision_problem
+
+    if get_accelerator().is_fp16_supported():
+        pytest.skip("this machine's DeepSpeed accelerator runs fp16")
+    assert "train.precision=fp16 needs a device with fp16 kernels" in precision_problem("fp16")
+    assert precision_problem("bf16") is None and precision_problem("fp32") is None
+    with pytest.raises(ValueError, match="set train.precision=bf16"):
+        train(MODEL, train_config(precision="fp16", zero_stage=1), [], None, tmp_path / "ckpt", JsonlTracker(tmp_path / "h.jsonl"))
+    assert not (tmp_path / "ckpt").exists()  # refused before any work
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -296,6 +318,34 @@ def test_bf16_trains_bf16_weights_and_hands_back_the_fp32_masters(shards, tmp_pa
     # the masters carry more bits than bf16: rounding them to bf16 changes them
     assert any(not torch.equal(p, p.bfloat16().float()) for p in params)
     assert result.final_val_loss is not None and math.isfinite(result.final_val_loss)
+
+
+@pytest.mark.slow
+def test_fp16_loss_scaling_absorbs_an_overflow(shards, tmp_path, monkeypatch):
+    """fp16 (GPU in production) through DeepSpeed's real fp16 ZeRO-2 path with dynamic loss scaling. This CPU
+    has fp16 ops but not the oneDNN fp16 kernels DeepSpeed's CPU accelerator asks for, so the test lifts
+    only that capability check. Gradients blown up 1e6x at step 5 overflow at loss scale 2^16: DeepSpeed
+    skips that step and the run logs it as loss scaling at work, not as a spike to roll back."""
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: True)
+    cfg = train_config(precision="fp16", zero_stage=2, max_steps=30, log_every=5, eval_every=0, checkpoint_every=0,
+                       stability=StabilityConfig(inject_fault="grad_spike@5"))
+    result = run_train(cfg, shards, tmp_path / "ckpt", tmp_path / "h.jsonl")
+    history = read_history(tmp_path / "h.jsonl")
+    losses = metric(history, "train/loss")
+    assert losses[-1][1] < losses[0][1] - 0.5, losses
+    kinds = [e["kind"] for e in result.events]
+    assert kinds == ["injected_fault", "loss_scale_overflow"], result.events
+    overflow = result.events[1]
+    assert overflow["step"] == 6 and overflow["action"] == "skip_update" and "loss scale 65536" in overflow["detail"]
+    assert result.skipped_steps == 0 and result.rollbacks == 0  # the detector did not count it
+    assert dict(metric(history, "train/update_ratio"))[5] > 0
+    scales = dict(metric(history, "train/loss_scale"))
+    assert scales[5] == 65536.0 and scales[30] <= 65536.0
+    grad_norms = [v for _, v in metric(history, "train/grad_norm")]
+    assert all(0 < v < 100 for v in grad_norms), grad_norms  # unscaled: the loss scale is divided out
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
 
 
 def test_document_attention_needs_bos_id(shards, tmp_path):

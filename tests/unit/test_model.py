@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lm_core.model import GPT, GPTConfig, KVCache
+from lm_core.model import GPT, GPTConfig, KVCache, preset
 
 
 def tiny(**overrides) -> GPTConfig:
@@ -234,3 +234,21 @@ def test_segments_refuse_a_cache():
     cache = KVCache(model.cfg, batch_size=1, max_len=8)
     with pytest.raises(ValueError, match="segments"):
         model(torch.zeros(1, 4, dtype=torch.long), kv_cache=cache, segments=torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name, params", [("gpt2-124m", 124_439_808), ("gpt2-350m", 354_823_168)])
+def test_gpt2_presets_have_gpt2s_parameter_counts(name, params):
+    cfg = preset(name, vocab_size=50257)  # GPT-2's vocabulary
+    cfg.validate()
+    assert cfg.num_params() == params
+    assert (cfg.n_layer, cfg.block_size, cfg.pos, cfg.norm, cfg.mlp, cfg.bias) == (
+        {"gpt2-124m": 12, "gpt2-350m": 24}[name], 1024, "learned", "layernorm", "gelu", True)
+
+
+def test_preset_builds_the_counted_model_and_keys_set_next_to_it_win():
+    cfg = preset("gpt2-124m", vocab_size=512, n_layer=2, block_size=128)
+    model = GPT(cfg)
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+    assert (cfg.n_layer, cfg.n_embd, cfg.block_size) == (2, 768, 128)
+    with pytest.raises(ValueError, match="model.preset='gpt3' is not a preset; choose one of tiny, small, gpt2-124m"):
+        preset("gpt3")

@@ -55,8 +55,8 @@ def test_exponent_float_override_without_a_dot():
 
 
 def test_literal_override_lists_choices():
-    with pytest.raises(ConfigError, match=r"train\.precision='fp16' is not allowed; choose one of 'fp32', 'bf16'"):
-        load_config("tiny", ["train.precision=fp16"])
+    with pytest.raises(ConfigError, match=r"train\.precision='fp8' is not allowed; choose one of 'fp32', 'bf16', 'fp16'"):
+        load_config("tiny", ["train.precision=fp8"])
 
 
 def test_vocab_size_mismatch_is_refused():
@@ -107,3 +107,18 @@ def test_config_hash_stable_sensitive_and_independent_of_workspace():
     assert load_config("tiny", ["train.max_steps=31"]).config_hash() != base.config_hash()
     assert load_config("tiny", ["model.n_layer=3"]).config_hash() != base.config_hash()
     assert load_config("tiny", ["workspace=/somewhere/else"]).config_hash() == base.config_hash()
+
+
+def test_model_preset_on_the_command_line_replaces_the_files_model_shape():
+    cfg = load_config("tiny", ["model.preset=gpt2-124m", "model.n_layer=2"])
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (2, 12, 768, 1024)
+    assert cfg.model.pos == "learned" and cfg.model.vocab_size == cfg.tokenizer.vocab_size == 512
+
+
+def test_model_keys_next_to_a_preset_in_a_file_win(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: c\nmodel:\n  preset: gpt2-350m\n  block_size: 256\n")
+    cfg = load_config(str(path))
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size) == (24, 1024, 256)
+    with pytest.raises(ConfigError, match="model.preset='big' is not a preset"):
+        load_config("tiny", ["model.preset=big"])
