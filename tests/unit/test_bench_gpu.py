@@ -1,0 +1,23 @@
+"""The prepared CUDA check (`python -m bench gpu`) runs its code paths on CPU with --smoke, so the script a
+GPU session gets minutes for does not fail on something a CPU could have caught."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_gpu_bench_smoke_runs_every_cpu_path(tmp_path):
+    from bench.gpu import run
+
+    result = run(["--smoke", "--out", str(tmp_path)])
+    assert result["smoke"] is True and result["environment"]["device"] == "cpu"
+    assert result["sdpa"]["MATH"]["ok"] and result["sdpa"]["MATH"]["max_abs_diff_vs_math"] == 0.0
+    assert set(result["train"]) == {"bf16_zero1_eager", "bf16_zero3"}
+    for name, row in result["train"].items():
+        assert "error" not in row, (name, row)
+        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["rollbacks"] == 0
+    assert result["ratio"] == result["train"]["bf16_zero1_eager"]["mfu"]
+    assert json.loads((tmp_path / "gpu.json").read_text())["model"]["preset"] == "tiny"
