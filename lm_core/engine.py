@@ -5,8 +5,8 @@ World size 1 runs in-process (gloo, no launcher); N ranks come from DeepSpeed's 
 (lm_core.train_config), so batch sizes, lr and clipping live in one place. Mixed precision is DeepSpeed's
 bf16 mode, the same on CPU and GPU: the model's parameters, activations and gradients are bf16 and the
 optimizer keeps fp32 master weights and Adam moments, which ZeRO partitions (1: optimizer state,
-2: + gradients, 3: + parameters), so every stage cuts the per-rank memory the ZeRO paper counts. The
-model handed back is built from the fp32 masters.
+2: + gradients, 3: + parameters), so every stage cuts the per-rank memory the ZeRO paper counts. fp16 is
+the same with DeepSpeed's dynamic loss scaling (GPUs). The model handed back is built from the fp32 masters.
 
 Stability (lm_core.stability): every optimizer step is judged from its loss and pre-clip grad norm
 before the update is applied. A spike drops the update (the AdamW we hand DeepSpeed is gated, so ZeRO
@@ -238,7 +238,7 @@ def train(
                     batch = FaultInjector.corrupt(batch, model_cfg.vocab_size, seed=step * accum + micro)
                 tokens = torch.from_numpy(batch).to(device)
                 segments = torch.from_numpy(segment_ids(batch, bos_id)).to(device) if cfg.document_attention else None
-                _, loss = engine(tokens[:, :-1], tokens[:, 1:], segments=segments)  # bf16 or fp32, as the engine's module
+                _, loss = engine(tokens[:, :-1], tokens[:, 1:], segments=segments)  # in the engine module's dtype
                 if "nan" in injected:
                     loss = loss * float("nan")
                 engine.backward(loss * GRAD_SPIKE_FACTOR if "grad_spike" in injected else loss)
