@@ -114,7 +114,8 @@ def _launch(stage: int, ranks: int, args: argparse.Namespace, work: Path) -> dic
         return [json.loads(value) for t, value in found if t == tag][0]
 
     steps_peak, steady, live = printed("STEPS_PEAK"), printed("STEADY"), printed("LIVE")
-    return {"peak_tensor_mb": round(printed("TENSOR_PEAK"), 1), "tensor_mb": round(live, 1), "training_peak_rss_mb": round(steps_peak, 1), "steady_rss_mb": round(steady, 1),
+    return {"peak_tensor_mb": round(printed("TENSOR_PEAK"), 1), "tensor_mb": round(live, 1),
+            "training_peak_rss_mb": round(steps_peak, 1), "steady_rss_mb": round(steady, 1),
             "peak_rss_mb_per_rank": [round(p[1], 1) for p in peaks]}
 
 
@@ -131,9 +132,9 @@ def _worker(stage: int, steps: int, layers: int, width: int, vocab: int, precisi
     rank = int(os.environ["RANK"])
     model = GPTConfig(vocab_size=vocab, block_size=64, n_layer=layers, n_head=width // 64, n_embd=width)
     shards = [np.random.default_rng(0).integers(0, vocab, size=50_000, dtype=np.uint16)]
-    cfg = TrainConfig(micro_batch_size=1, global_batch_size=int(os.environ["WORLD_SIZE"]), max_steps=steps, warmup_steps=1, log_every=1,
-                      precision=precision, zero_stage=stage, zero_bucket_elements=bucket, num_threads=1, keep_checkpoints=1,
-                      stability=StabilityConfig(enabled=False))
+    cfg = TrainConfig(micro_batch_size=1, global_batch_size=int(os.environ["WORLD_SIZE"]), max_steps=steps,
+                      warmup_steps=1, log_every=1, precision=precision, zero_stage=stage, zero_bucket_elements=bucket,
+                      num_threads=1, keep_checkpoints=1, stability=StabilityConfig(enabled=False))
     tracker = MultiTracker()  # nothing to record: rank 0's progress callback measures
     training_peak: list[float] = []
     steady: list[float] = []
