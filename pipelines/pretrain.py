@@ -20,7 +20,7 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from lm_core.checkpoints import checkpoint_tag, latest_tag
-from lm_core.engine import EVENTS_FILE, TrainResult, load_init_weights, train
+from lm_core.engine import EVENTS_FILE, TrainResult, load_init_weights, precision_problem, train
 from lm_core.launch import TrainJob, run_ranks
 from lm_core.shards import open_documents, open_split
 from lm_core.stability import read_events
@@ -47,7 +47,10 @@ def key(cfg: PipelineConfig, shard: StageResult, tokenizer: StageResult) -> str:
 
 
 def preflight(cfg: PipelineConfig) -> None:
-    """train.init_from must be a model of this run's shape (checked before any stage runs)."""
+    """train.init_from must be a model of this run's shape, and this machine must run train.precision
+    (checked before any stage runs)."""
+    if problem := precision_problem(cfg.train.precision):
+        raise ConfigError(problem)
     if cfg.train.init_from:
         try:
             load_init_weights(cfg.train.init_from, cfg.model)

@@ -122,3 +122,16 @@ def test_model_keys_next_to_a_preset_in_a_file_win(tmp_path):
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size) == (24, 1024, 256)
     with pytest.raises(ConfigError, match="model.preset='big' is not a preset"):
         load_config("tiny", ["model.preset=big"])
+
+
+def test_fp16_on_a_machine_without_fp16_kernels_is_refused_before_any_stage(tmp_path):
+    from deepspeed.accelerator import get_accelerator
+
+    from pipelines import pretrain
+
+    if get_accelerator().is_fp16_supported():
+        pytest.skip("this machine's DeepSpeed accelerator runs fp16")
+    cfg = load_config("tiny", [f"workspace={tmp_path / 'ws'}", "train.precision=fp16"])
+    with pytest.raises(ConfigError, match="train.precision=fp16 needs a device with fp16 kernels"):
+        pretrain.preflight(cfg)
+    assert not (tmp_path / "ws").exists()
