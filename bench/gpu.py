@@ -94,7 +94,7 @@ def _environment(device: torch.device) -> dict:
 
 
 def _matmul_peak(precision: str, device: torch.device, smoke: bool) -> float:
-    from lm_core.engine import measure_matmul_tflops
+    from lm_core.train_metrics import measure_matmul_tflops
 
     return measure_matmul_tflops(precision, device, n=256 if smoke else 8192, seconds=0.2 if smoke else 2.0)
 

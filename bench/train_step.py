@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lm_core.engine import measure_matmul_tflops, train
+from lm_core.engine import train
+from lm_core.train_metrics import measure_matmul_tflops
 from lm_core.train_config import TrainConfig
 from lm_core.model import GPT, GPTConfig
 from lm_core.loader import TokenLoader

@@ -95,7 +95,7 @@ def _compare(per_stage: dict, n: int, params: int, precision: str) -> dict:
 
 def _launch(stage: int, ranks: int, args: argparse.Namespace, work: Path) -> dict:
     work.mkdir(parents=True)
-    from lm_core.engine import free_port
+    from lm_core.zero_adapter import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}

@@ -1,7 +1,8 @@
 """DeepSpeed checkpoints written so that a kill at any moment leaves a usable one, plus the pieces of
 process state a resume needs: RNG states and a SIGTERM/SIGINT flag that stops the loop after a step.
 
-Functions take a DeepSpeed engine object but never import deepspeed (engine.py is the one place that does).
+Functions take a DeepSpeed engine object and use only its public save/load API (lm_core.zero_adapter is the one
+place that imports deepspeed).
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ class SignalFlag:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def requested(self, world_size: int) -> bool:
+    def requested(self, world_size: int, device: torch.device | str = "cpu") -> bool:
+        """Whether to stop now; with several ranks a collective (every rank stops at the same step), so the
+        loop asks on its sync steps only."""
         if world_size == 1:
             return self.signum is not None
-        flag = torch.tensor([self.signum or 0], dtype=torch.int64)
+        flag = torch.tensor([self.signum or 0], dtype=torch.int64, device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # every rank stops at the same step
         self.signum = int(flag[0]) or None
         return self.signum is not None

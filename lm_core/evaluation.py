@@ -1,4 +1,9 @@
-"""Validation metrics that compare across tokenizers: loss, perplexity and bits per byte."""
+"""Validation metrics that compare across tokenizers: loss, perplexity and bits per byte.
+
+One scoring loop serves both the training loop's validation loss and the evaluate stage's bpb. Batches
+keep one shape (a short last batch is padded with ignored rows), so a compiled model does not recompile
+for it, and the sums stay on the device until the end.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from lm_core.shards import sequential_windows
 def bits_per_byte(
     model: torch.nn.Module,
     val_shards: list[np.ndarray],
-    token_bytes: np.ndarray,
+    token_bytes: np.ndarray | None,
     block_size: int,
     max_windows: int | None = None,
     batch_size: int = 8,
@@ -23,34 +28,43 @@ def bits_per_byte(
     """Loss, perplexity and bits per byte over sequential validation windows.
 
     bpb = sum of nats over targets that stand for text / (ln 2 * their UTF-8 bytes); control
-    targets (bos/eos) carry no bytes and are left out of bpb but kept in loss/perplexity.
+    targets (bos/eos) carry no bytes and are left out of bpb but kept in loss/perplexity. Without
+    `token_bytes` only the loss and perplexity are computed (bpb is NaN).
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    byte_table = torch.from_numpy(token_bytes.astype(np.int64)).to(device)
-    nats_all = nats_text = 0.0
-    n_targets = n_bytes = 0
     windows = list(sequential_windows(val_shards, block_size, max_windows))
     if not windows:
         raise ValueError(f"validation split is shorter than one window of {block_size + 1} tokens; add data or lower model.block_size")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    byte_table = torch.from_numpy(token_bytes.astype(np.int64)).to(device) if token_bytes is not None else None
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats all, nats of text targets, targets, bytes
+    batch = np.full((batch_size, block_size + 1), -1, dtype=np.int64)  # (B, T+1); rows past the data stay -1
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         for start in range(0, len(windows), batch_size):
-            batch = torch.from_numpy(np.stack(windows[start : start + batch_size])).to(device)  # (B, T+1)
-            targets = batch[:, 1:]
-            _, losses = model(batch[:, :-1], targets, reduction="none")  # (B, T)
-            losses = losses.float()
-            nbytes = byte_table[targets]  # (B, T)
-            nats_all += losses.sum().item()
-            nats_text += (losses * (nbytes > 0)).sum().item()
-            n_targets += targets.numel()
-            n_bytes += int(nbytes.sum().item())
+            part = windows[start : start + batch_size]
+            batch[: len(part)] = np.stack(part)
+            batch[len(part):] = -1
+            tokens = torch.from_numpy(batch).to(device)
+            targets = tokens[:, 1:]  # (B, T), -1 in padding rows: ignored by the loss
+            _, losses = model(tokens[:, :-1].clamp(min=0), targets, reduction="none")  # (B, T)
+            losses = losses.double()
+            real = targets >= 0
+            nbytes = byte_table[targets.clamp(min=0)] * real if byte_table is not None else torch.zeros_like(targets)
+            sums += torch.stack([losses.sum(), (losses * (nbytes > 0)).sum(), real.sum().double(), nbytes.sum().double()])
     model.train(was_training)
+    nats_all, nats_text, n_targets, n_bytes = sums.tolist()
     loss = nats_all / n_targets
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
-        "bpb": nats_text / (math.log(2) * max(1, n_bytes)),
-        "tokens": float(n_targets),
-        "bytes": float(n_bytes),
+        "bpb": nats_text / (math.log(2) * max(1.0, n_bytes)) if byte_table is not None else float("nan"),
+        "tokens": n_targets,
+        "bytes": n_bytes,
     }
+
+
+def validation_loss(model: torch.nn.Module, val_shards: list[np.ndarray], block_size: int, max_windows: int,
+                    precision: str, batch_size: int = 8) -> float:
+    """Mean next-token loss over the first `max_windows` sequential validation windows."""
+    return bits_per_byte(model, val_shards, None, block_size, max_windows, batch_size, precision)["loss"]

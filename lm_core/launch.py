@@ -1,10 +1,10 @@
 """Training on N ranks: the job a caller hands its ranks, the launcher command, and the rank entry point.
 
-World size 1 trains in the calling process (`lm_core.engine.train`). For more ranks the caller writes a
-`TrainJob` (JSON: model and train configs, shard dir, where every output goes) and `run_ranks` starts
-torchrun (one node) or DeepSpeed's launcher (one node, or every node of a hostfile) on
-`python -m lm_core.launch JOB`. Each rank trains its part of every batch; rank 0 writes the consolidated
-model directory and a result file, which `run_ranks` reads back.
+A caller describes the run as a `TrainJob` (model and train configs, shard dir, where every output goes).
+World size 1 runs `train_job(job)` in the calling process; for more ranks `run_ranks` writes the job as
+JSON and starts torchrun (one node) or DeepSpeed's launcher (one node, or every node of a hostfile) on
+`python -m lm_core.launch JOB`, whose every rank runs the same `train_job` (its part of every batch);
+rank 0 writes the consolidated model directory and a result file, which `run_ranks` reads back.
 
 Rank stdout/stderr (progress lines, warnings) come back through `on_line`, so the caller decides where
 they are logged. A SIGTERM/SIGINT to the caller is passed on to the launcher, whose ranks checkpoint and
@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lm_core.engine import TrainingInterrupted, free_port
+from lm_core.engine import TrainingInterrupted
+from lm_core.zero_adapter import free_port
+from lm_core.tracking import Tracker
 from lm_core.train_config import TrainConfig, read_hostfile
 
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "ROLE_RANK")
@@ -142,10 +144,10 @@ def _stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
 
 
 
-def main(argv: list[str] | None = None) -> int:
-    """One rank: train the job; rank 0 saves the model directory and the result numbers."""
-    import torch
-
+def train_job(job: TrainJob, progress: Callable[[dict], None] | None = None, tracker: Tracker | None = None):
+    """This rank's part of `job` (all of it at world size 1, in the caller's process): train, and on rank 0
+    save the model directory. Rank 0 reports to TensorBoard, the JSONL history and `tracker` (e.g. the
+    caller's MLflow run); the other ranks report nothing. Returns the TrainResult."""
     from lm_core.engine import train
     from lm_core.model import GPTConfig
     from lm_core.shards import open_documents, open_split
@@ -153,27 +155,39 @@ def main(argv: list[str] | None = None) -> int:
     from lm_core.typed_config import build
     from lm_core.weights import save_model_dir
 
+    rank = int(os.environ.get("RANK", "0"))
+    model_cfg, cfg = build(GPTConfig, job.model, "model"), build(TrainConfig, job.train, "train")
+    shard_dir = Path(job.shard_dir)
+    train_shards = open_split(shard_dir, "train", job.tokenizer_sha256)
+    val_shards = open_split(shard_dir, "val", job.tokenizer_sha256)
+    reporters = (TensorBoardTracker(Path(job.tensorboard_dir)), JsonlTracker(Path(job.history_path)),
+                 *([tracker] if tracker is not None else [])) if rank == 0 else ()
+    trackers = MultiTracker(*reporters)
+    try:
+        result = train(model_cfg, cfg, train_shards, val_shards, Path(job.checkpoint_dir), trackers,
+                       progress=progress if rank == 0 else None, bos_id=job.bos_id,
+                       documents=open_documents(shard_dir, "train", job.tokenizer_sha256))
+    finally:
+        for reporter in reporters[:2]:  # the caller closes its own tracker
+            reporter.close()
+    if rank == 0:
+        save_model_dir(result.model, Path(job.tokenizer_path), Path(job.model_dir), extra=job.model_extra)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank started by the launcher: `train_job`, then rank 0 writes the result numbers for run_ranks."""
+    import torch
+
     args = list(sys.argv[1:] if argv is None else argv)
     job = TrainJob.read(Path(args[-1]))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    rank = int(os.environ.get("RANK", "0"))
-    model_cfg, cfg = build(GPTConfig, job.model, "model"), build(TrainConfig, job.train, "train")
-    train_shards = open_split(Path(job.shard_dir), "train", job.tokenizer_sha256)
-    val_shards = open_split(Path(job.shard_dir), "val", job.tokenizer_sha256)
-    # only rank 0 reports (the engine logs on rank 0); the others get a tracker that writes nothing
-    tracker = (MultiTracker(TensorBoardTracker(Path(job.tensorboard_dir)), JsonlTracker(Path(job.history_path)))
-               if rank == 0 else MultiTracker())
     try:
-        result = train(model_cfg, cfg, train_shards, val_shards, Path(job.checkpoint_dir), tracker,
-                       progress=_print_progress if rank == 0 else None, bos_id=job.bos_id,
-                       documents=open_documents(Path(job.shard_dir), "train", job.tokenizer_sha256))
+        result = train_job(job, progress=_print_progress)
     except TrainingInterrupted as exc:
         print(f"TrainingInterrupted: {exc}", flush=True)
         return EXIT_INTERRUPTED
-    finally:
-        tracker.close()
-    if rank == 0:
-        save_model_dir(result.model, Path(job.tokenizer_path), Path(job.model_dir), extra=job.model_extra)
+    if int(os.environ.get("RANK", "0")) == 0:
         # not dataclasses.asdict: it would deep-copy the model
         numbers = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name not in ("model", "events")}
         numbers["world_size"] = torch.distributed.get_world_size()

@@ -161,3 +161,20 @@ def segment_ids(batch: np.ndarray, bos_id: int) -> np.ndarray:
     starts = inputs == bos_id
     starts[:, 0] = False  # the first position opens segment 0 whatever it holds
     return np.cumsum(starts, axis=1, dtype=np.int32)
+
+
+def batch_to_device(batch: np.ndarray, device, bos_id: int | None = None):
+    """(inputs, targets, segments or None) of a (B, T+1) window batch on `device`; segments (document ids,
+    `segment_ids`) when `bos_id` is given. On CUDA the copy goes through pinned memory and does not block the
+    host: a copy from pageable memory waits for the GPU to drain its queue, a host sync every step."""
+    import torch
+
+    tensors = [torch.from_numpy(batch)]
+    if bos_id is not None:
+        tensors.append(torch.from_numpy(segment_ids(batch, bos_id)))
+    if getattr(device, "type", device) == "cuda":
+        tensors = [t.pin_memory().to(device, non_blocking=True) for t in tensors]
+    else:
+        tensors = [t.to(device) for t in tensors]
+    tokens = tensors[0]
+    return tokens[:, :-1], tokens[:, 1:], tensors[1] if bos_id is not None else None

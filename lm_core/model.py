@@ -278,7 +278,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     activation_checkpointing = False  # the training engine sets it from train.activation_checkpointing
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, init: bool = True):
+        """init=False leaves the weights as their modules made them (lm_core.zero_adapter initialises a
+        ZeRO-3-partitioned model one gathered module at a time with `init_module`)."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -293,7 +295,8 @@ class GPT(nn.Module):
         cos, sin = rope_tables(cfg) if cfg.pos == "rope" else (torch.empty(0), torch.empty(0))
         self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D/2)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.init_weights()
+        if init:
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -302,25 +305,30 @@ class GPT(nn.Module):
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.wte.weight.device).manual_seed(seed)
-        std, resid_std = 0.02, 0.02 / math.sqrt(2 * self.cfg.n_layer)
-        residual_outputs = {id(b.attn.o_proj) for b in self.blocks} | {id(b.mlp.out_proj) for b in self.blocks}
         for module in self.modules():  # fixed order, so the same seed gives the same weights
-            if isinstance(module, nn.Linear):
-                if module is self.lm_head and self.cfg.tie_embeddings:
-                    continue  # its weight is wte's, initialised once as an embedding
-                nn.init.normal_(module.weight, 0.0, resid_std if id(module) in residual_outputs else std, generator=gen)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, std, generator=gen)
-            elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
-                nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+            self.init_module(module, gen)
         if self.cfg.pos == "rope":  # recompute too, so a model built on the meta device and moved is valid
             cos, sin = rope_tables(self.cfg, device=self.rope_cos.device)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
+
+    @torch.no_grad()
+    def init_module(self, module: nn.Module, gen: torch.Generator | None = None) -> None:
+        """Initialise one submodule's own weights (not its children's)."""
+        std, resid_std = 0.02, 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        if isinstance(module, nn.Linear):
+            if module is self.lm_head and self.cfg.tie_embeddings:
+                return  # its weight is wte's, initialised once as an embedding
+            residual = any(module is b.attn.o_proj or module is b.mlp.out_proj for b in self.blocks)
+            nn.init.normal_(module.weight, 0.0, resid_std if residual else std, generator=gen)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std, generator=gen)
+        elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *, kv_cache: KVCache | None = None,
                 reduction: str = "mean", pad: Tensor | None = None,

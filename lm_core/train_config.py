@@ -38,10 +38,9 @@ class TrainConfig:
     # fp32: no casting.
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     zero_stage: int = 1
-    # ZeRO's gradient reduce / parameter all-gather buckets, in elements. DeepSpeed's default (5e8) makes
-    # the bucket hold every gradient of a small model: a full-size copy on each rank, which undoes most of
-    # what ZeRO-2 partitions away.
-    zero_bucket_elements: int = 5_000_000
+    # ZeRO's gradient reduce / parameter all-gather buckets, in elements; 0: auto (5e6 on a CPU, DeepSpeed's
+    # 5e8 on a GPU; see resolved_bucket_elements)
+    zero_bucket_elements: int = 0
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     document_attention: bool = False  # attention stays inside each packed document (block-diagonal causal mask)
     compile: bool = False  # torch.compile the forward; falls back to eager if compiling fails
@@ -64,10 +63,11 @@ class TrainConfig:
     stability: StabilityConfig = field(default_factory=StabilityConfig)
 
     def validate(self) -> None:
-        for key in ("micro_batch_size", "global_batch_size", "max_steps", "log_every", "eval_windows", "keep_checkpoints",
-                    "zero_bucket_elements"):
+        for key in ("micro_batch_size", "global_batch_size", "max_steps", "log_every", "eval_windows", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
+        if self.zero_bucket_elements < 0:
+            raise ValueError(f"train.zero_bucket_elements={self.zero_bucket_elements} must be >= 0 (0: auto)")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"train.global_batch_size={self.global_batch_size} is not divisible by train.micro_batch_size="
@@ -149,14 +149,29 @@ def read_hostfile(path: str | Path) -> dict[str, int]:
     return hosts
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON, derived from TrainConfig so no number is written twice."""
+def deepspeed_config(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> dict:
+    """The DeepSpeed JSON, derived from TrainConfig so no number is written twice.
+
+    Gradient clipping and the NaN/Inf check are not DeepSpeed's here: its versions read the gradient norm
+    back to the host at every step, so lm_core.gated_adamw clips (train.grad_clip) and vetoes on the device,
+    and this JSON turns DeepSpeed's off (`gradient_clipping` 0, bf16 `check_grad_overflow` false, ZeRO-1/2
+    `compute_grad_norm` false). fp16's dynamic loss scaling stays DeepSpeed's (it must read its overflow flag)."""
+    bucket = resolved_bucket_elements(cfg, device_type)
+    zero = {"stage": cfg.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    if cfg.zero_stage in (1, 2):
+        zero["compute_grad_norm"] = False
+    if device_type == "cuda":
+        # gradients reduced while the backward still runs (needs >1 rank to matter), into one contiguous
+        # buffer so the step reads no scattered tensors
+        zero.update(overlap_comm=world_size > 1, contiguous_gradients=True)
+    if cfg.zero_stage == 3:
+        zero.update(_zero3_limits(bucket, device_type))
     return {
         "train_batch_size": cfg.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
-        "gradient_clipping": cfg.grad_clip,
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        "gradient_clipping": 0.0,  # lm_core.gated_adamw clips to train.grad_clip, on the device
+        "bf16": {"enabled": cfg.precision == "bf16", "check_grad_overflow": False},
         # dynamic loss scaling: start at 2^16; a step whose gradients overflow is skipped and (from the second
         # overflow on: hysteresis 2) halves the scale; 1000 clean steps double it
         **({"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
@@ -167,9 +182,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         # would switch bf16 to DeepSpeed's BF16_Optimizer with full-size fp32 gradients) and ZeRO-3 (whose step
         # converts one sub-group at a time) accumulate in the model's 16-bit dtype.
         **({"data_types": {"grad_accum_dtype": "fp32"}} if cfg.precision != "fp32" and cfg.zero_stage == 2 else {}),
-        "zero_optimization": {"stage": cfg.zero_stage, "reduce_bucket_size": cfg.zero_bucket_elements,
-                              "allgather_bucket_size": cfg.zero_bucket_elements,
-                              **(_zero3_limits(cfg.zero_bucket_elements) if cfg.zero_stage == 3 else {})},
+        "zero_optimization": zero,
         # we pass a torch AdamW (no FusedAdam JIT compile), which ZeRO calls "untested"
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
@@ -177,11 +190,23 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     }
 
 
-def _zero3_limits(elements: int) -> dict:
-    """ZeRO-3's memory knobs, all at the bucket size. DeepSpeed's defaults (1e9 elements) keep every gathered
-    parameter alive from the forward to its reuse in the backward, which is the whole model for a small
-    one; with these, a gathered parameter is released after use and fetched again, the step works on
-    sub-groups (its fp32 copy of the gradients is one sub-group, not the rank's whole partition)."""
+def resolved_bucket_elements(cfg: TrainConfig, device_type: str) -> int:
+    """train.zero_bucket_elements, or when 0 (auto): 5e6 elements on a CPU, where DeepSpeed's default (5e8) makes
+    a bucket hold every gradient of a small model (a full-size copy per rank, undoing most of what ZeRO-2
+    partitions away); DeepSpeed's default on a GPU, where fewer, larger collectives are faster."""
+    if cfg.zero_bucket_elements:
+        return cfg.zero_bucket_elements
+    return 500_000_000 if device_type == "cuda" else 5_000_000
+
+
+def _zero3_limits(elements: int, device_type: str) -> dict:
+    """ZeRO-3's memory knobs. On a CPU all at the bucket size: DeepSpeed's defaults (1e9 elements) keep every
+    gathered parameter alive from the forward to its reuse in the backward, which is the whole model for a
+    small one; with these, a gathered parameter is released after use and fetched again, and the step works
+    on sub-groups (its fp32 copy of the gradients is one sub-group, not the rank's whole partition). On a GPU
+    DeepSpeed's defaults for live parameters and reuse (fetch less often) with a 5e7-element prefetch."""
+    if device_type == "cuda":
+        return {"stage3_prefetch_bucket_size": min(elements, 50_000_000), "sub_group_size": 1_000_000_000}
     return {"stage3_prefetch_bucket_size": elements, "stage3_max_live_parameters": elements,
             "stage3_max_reuse_distance": elements, "sub_group_size": elements}
 

@@ -5,9 +5,10 @@ interrupted run of the same key resumes from its last checkpoint; the stage outp
 directory (safetensors), the metric history and the training events (spikes, skipped updates,
 rollbacks, interruptions), which also land in the DuckDB catalog as table `training_events`.
 
-World size 1 (the default) trains in this process. With `train.nproc_per_node` > 1, or a DeepSpeed
-`train.hostfile` for several nodes, the stage starts the ranks through torchrun or DeepSpeed's launcher
-(`lm_core.launch`) and streams their output into this stage's log; rank 0 writes the same outputs.
+The stage describes the run as one `lm_core.launch.TrainJob`. World size 1 (the default) runs it in this
+process; with `train.nproc_per_node` > 1, or a DeepSpeed `train.hostfile` for several nodes, torchrun or
+DeepSpeed's launcher starts the ranks on the same job (`lm_core.launch`) and their output streams into this
+stage's log; rank 0 writes the same outputs either way.
 """
 
 from __future__ import annotations
@@ -20,19 +21,19 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from lm_core.checkpoints import checkpoint_tag, latest_tag
-from lm_core.engine import EVENTS_FILE, TrainResult, load_init_weights, precision_problem, train
-from lm_core.launch import TrainJob, run_ranks
-from lm_core.shards import open_documents, open_split
+from lm_core.engine import EVENTS_FILE, load_init_weights
+from lm_core.launch import TrainJob, run_ranks, train_job
 from lm_core.stability import read_events
 from lm_core.tokenizer import Tokenizer
-from lm_core.tracking import JsonlTracker, MultiTracker, TensorBoardTracker
 from lm_core.typed_config import to_dict
-from lm_core.weights import save_model_dir
+from lm_core.zero_adapter import precision_problem
 from pipelines import tokenizer as tokenizer_stage
 from pipelines.config import ConfigError, PipelineConfig
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
-STAGE, VERSION = "pretrain", "2"  # 2: bf16 is DeepSpeed's bf16 mode (fp32 masters in the optimizer), not autocast
+# 2: bf16 is DeepSpeed's bf16 mode (fp32 masters in the optimizer), not autocast; 3: the spike gate judges on the
+# device (a NaN step is vetoed, not rolled back), clipping happens in the fused AdamW, batched validation loss
+STAGE, VERSION = "pretrain", "3"
 MODEL_DIR, HISTORY_FILE = "model", "history.jsonl"
 EVENTS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS training_events (
@@ -71,11 +72,17 @@ def run(cfg: PipelineConfig, ws: Workspace, shard: StageResult, tokenizer: Stage
             shutil.rmtree(checkpoints, ignore_errors=True)
             shutil.rmtree(tb_dir, ignore_errors=True)
         tok = Tokenizer(tokenizer_stage.model_path(tokenizer))
+        job = TrainJob(model=to_dict(cfg.model), train=to_dict(cfg.train), shard_dir=str(shard.dir),
+                       tokenizer_path=str(tokenizer_stage.model_path(tokenizer)), tokenizer_sha256=tok.sha256,
+                       bos_id=tok.bos_id, checkpoint_dir=str(checkpoints), tensorboard_dir=str(tb_dir),
+                       history_path=str(out / HISTORY_FILE), model_dir=str(out / MODEL_DIR),
+                       result_path=str(out / "ranks_result.json"), model_extra={"tokenizer_sha256": tok.sha256})
         try:
-            if cfg.train.world_size() == 1:
-                result = _train_here(cfg, shard, tok, tokenizer_stage.model_path(tokenizer), checkpoints, tb_dir, out, progress)
-            else:
-                result = _train_on_ranks(cfg, shard, tok, tokenizer_stage.model_path(tokenizer), checkpoints, tb_dir, out)
+            if cfg.train.world_size() == 1:  # this process is the one rank
+                result = train_job(job, progress=progress)
+            else:  # the configured launcher starts the ranks; each runs the same train_job
+                result = SimpleNamespace(**run_ranks(job, out / "train_job.json",
+                                                     on_line=lambda line: log.info("[ranks] %s", line)))
         finally:
             # also when training diverged or was interrupted: the table says what happened
             events = read_events(checkpoints / EVENTS_FILE)
@@ -101,33 +108,6 @@ def run(cfg: PipelineConfig, ws: Workspace, shard: StageResult, tokenizer: Stage
         }
 
     return run_stage(ws, STAGE, pretrain_key, build, force)
-
-
-def _train_here(cfg: PipelineConfig, shard: StageResult, tok: Tokenizer, tokenizer_path: Path, checkpoints: Path,
-                tb_dir: Path, out: Path, progress: Callable[[dict], None]) -> TrainResult:
-    """World size 1: train in this process, then save the model directory."""
-    train_shards = open_split(shard.dir, "train", tok.sha256)
-    val_shards = open_split(shard.dir, "val", tok.sha256)
-    tracker = MultiTracker(TensorBoardTracker(tb_dir), JsonlTracker(out / HISTORY_FILE))
-    try:
-        result = train(cfg.model, cfg.train, train_shards, val_shards, checkpoints, tracker, progress, bos_id=tok.bos_id,
-                       documents=open_documents(shard.dir, "train", tok.sha256))
-    finally:
-        tracker.close()
-    save_model_dir(result.model, tokenizer_path, out / MODEL_DIR, extra={"tokenizer_sha256": tok.sha256})
-    return result
-
-
-def _train_on_ranks(cfg: PipelineConfig, shard: StageResult, tok: Tokenizer, tokenizer_path: Path, checkpoints: Path,
-                    tb_dir: Path, out: Path) -> SimpleNamespace:
-    """World size > 1: the configured launcher starts the ranks; rank 0 saves the model directory."""
-    job = TrainJob(model=to_dict(cfg.model), train=to_dict(cfg.train), shard_dir=str(shard.dir),
-                   tokenizer_path=str(tokenizer_path), tokenizer_sha256=tok.sha256, bos_id=tok.bos_id,
-                   checkpoint_dir=str(checkpoints), tensorboard_dir=str(tb_dir), history_path=str(out / HISTORY_FILE),
-                   model_dir=str(out / MODEL_DIR), result_path=str(out / "ranks_result.json"),
-                   model_extra={"tokenizer_sha256": tok.sha256})
-    numbers = run_ranks(job, out / "train_job.json", on_line=lambda line: log.info("[ranks] %s", line))
-    return SimpleNamespace(**numbers)
 
 
 def record_events(ws: Workspace, pretrain_key: str, events: list[dict[str, Any]]) -> int:

@@ -12,7 +12,8 @@ import shutil
 import pytest
 import torch
 
-from lm_core.engine import _update_ratio, train
+from lm_core.engine import train
+from lm_core.train_metrics import update_ratio
 from lm_core.train_config import TrainConfig, deepspeed_config
 from lm_core.model import GPT, GPTConfig
 from lm_core.shards import open_split
@@ -87,17 +88,30 @@ def test_deepspeed_config_is_derived():
     assert ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 4  # 32 / (4 * 2)
     assert ds["train_batch_size"] == (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2)
-    assert ds["gradient_clipping"] == 0.5
-    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": cfg.zero_bucket_elements,
-                                       "allgather_bucket_size": cfg.zero_bucket_elements}
+    # clipping and the NaN check are the gated optimizer's, on the device: DeepSpeed's read the norm every step
+    assert ds["gradient_clipping"] == 0.0 and ds["bf16"]["check_grad_overflow"] is False
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 5_000_000, "allgather_bucket_size": 5_000_000,
+                                       "compute_grad_norm": False}
     with pytest.raises(ValueError, match="multiple of 12"):
         deepspeed_config(cfg, world_size=3)
+
+
+def test_deepspeed_config_for_a_gpu():
+    """On CUDA: DeepSpeed's large buckets, overlapped contiguous reduction with several ranks, and ZeRO-3's
+    defaults for live parameters (fetch less); an explicit bucket size wins."""
+    ds = deepspeed_config(TrainConfig(zero_stage=3, global_batch_size=32), world_size=2, device_type="cuda")
+    zero = ds["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 500_000_000 and zero["overlap_comm"] and zero["contiguous_gradients"]
+    assert "stage3_max_live_parameters" not in zero and zero["stage3_prefetch_bucket_size"] == 50_000_000
+    assert deepspeed_config(TrainConfig(zero_stage=1), 1, "cuda")["zero_optimization"]["overlap_comm"] is False
+    cpu = deepspeed_config(TrainConfig(zero_stage=3, zero_bucket_elements=1000), 1)["zero_optimization"]
+    assert cpu["stage3_max_live_parameters"] == 1000 and "overlap_comm" not in cpu
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
 def test_deepspeed_precision_modes_follow_train_precision(precision):
     ds = deepspeed_config(TrainConfig(precision=precision, zero_stage=2), world_size=1)
-    assert ds["bf16"] == {"enabled": precision == "bf16"}
+    assert ds["bf16"]["enabled"] == (precision == "bf16")
     assert ds.get("fp16", {}).get("enabled", False) == (precision == "fp16")
     if precision == "fp16":
         assert ds["fp16"]["loss_scale"] == 0  # dynamic
@@ -108,7 +122,7 @@ def test_deepspeed_precision_modes_follow_train_precision(precision):
 def test_fp16_is_refused_where_deepspeed_has_no_fp16_kernels(tmp_path):
     from deepspeed.accelerator import get_accelerator
 
-    from lm_core.engine import precision_problem
+    from lm_core.zero_adapter import precision_problem
 
     if get_accelerator().is_fp16_supported():
         pytest.skip("this machine's DeepSpeed accelerator runs fp16")
@@ -138,7 +152,7 @@ def test_update_ratio_is_rebuilt_from_the_optimizer_state(fused):
         moved = math.sqrt(sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(model.parameters(), before)))
         expected = moved / math.sqrt(sum(float(b.pow(2).sum()) for b in before))
         tensors = [(p, i) for i, g in enumerate(opt.param_groups) for p in g["params"]]
-        assert _update_ratio(opt, tensors, lrs, partitioned=False, world_size=1, chunk=100) == pytest.approx(expected, rel=1e-5)
+        assert update_ratio(opt, tensors, lrs, partitioned=False, world_size=1, chunk=100) == pytest.approx(expected, rel=1e-5)
 
 
 # --- the training loop --------------------------------------------------------------------------

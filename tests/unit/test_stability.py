@@ -1,4 +1,4 @@
-"""Unit tests for lm_core.stability: the robust spike detector, fault parsing and the event log."""
+"""Unit tests for lm_core.stability: the spike gate (on the device), fault parsing and the event log."""
 
 from __future__ import annotations
 
@@ -6,13 +6,18 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
-from lm_core.stability import EventLog, FaultInjector, SpikeDetector, StabilityConfig, read_events
+from lm_core.stability import EventLog, FaultInjector, SpikeGate, StabilityConfig, read_events
 
 
-def feed(detector: SpikeDetector, losses, grad_norms=None):
+def feed(gate: SpikeGate, losses, grad_norms=None):
     grad_norms = grad_norms if grad_norms is not None else [None] * len(losses)
-    return [detector.check(loss, g) for loss, g in zip(losses, grad_norms)]
+    return [gate.check(loss, g) for loss, g in zip(losses, grad_norms)]
+
+
+def history(gate: SpikeGate, metric: str = "loss") -> list[float]:
+    return gate.state_dict()["history"][metric]
 
 
 def noisy_decline(n: int, seed: int = 0) -> list[float]:
@@ -22,71 +27,109 @@ def noisy_decline(n: int, seed: int = 0) -> list[float]:
 
 
 def test_no_verdict_before_min_history():
-    det = SpikeDetector(StabilityConfig(min_history=5, window=10))
-    feed(det, [1.0, 1.0, 1.0, 1.0])
-    assert det.threshold("loss") == math.inf
-    assert det.check(50.0, None).action == "ok"  # 4 accepted values are too few to judge
-    assert det.threshold("loss") < math.inf
-    assert det.check(50.0, None).action == "skip"
+    gate = SpikeGate(StabilityConfig(min_history=5, window=10))
+    feed(gate, [1.0, 1.0, 1.0, 1.0])
+    assert float(gate.thresholds()[0]) == math.inf
+    assert gate.check(50.0, None).reason == "ok"  # 4 accepted values are too few to judge
+    assert float(gate.thresholds()[0]) < math.inf
+    assert gate.check(50.0, None).reason == "spike"
 
 
 def test_falling_noisy_loss_is_never_a_spike():
-    det = SpikeDetector(StabilityConfig(min_history=10, window=50))
-    verdicts = feed(det, noisy_decline(300))
-    assert all(v.action == "ok" for v in verdicts)
+    gate = SpikeGate(StabilityConfig(min_history=10, window=50))
+    verdicts = feed(gate, noisy_decline(300))
+    assert all(v.reason == "ok" for v in verdicts)
 
 
-def test_a_jump_is_a_spike_and_skipped_then_history_continues():
-    det = SpikeDetector(StabilityConfig(min_history=10, window=50))
-    feed(det, noisy_decline(60))
-    level = float(np.median(list(det.history["loss"])[-5:]))
-    verdict = det.check(level * 2, None)
-    assert verdict.action == "skip" and verdict.reason == "spike" and verdict.metric == "loss"
+def test_a_jump_is_a_spike_and_vetoed_then_history_continues():
+    gate = SpikeGate(StabilityConfig(min_history=10, window=50))
+    feed(gate, noisy_decline(60))
+    level = float(np.median(history(gate)[-5:]))
+    verdict = gate.check(level * 2, None)
+    assert verdict.reason == "spike" and verdict.vetoed and verdict.metric == "loss"
     assert verdict.value == pytest.approx(level * 2)
     assert level < verdict.threshold < level * 2
-    assert len(det.history["loss"]) == 50  # the spike did not join the history
-    assert det.check(level, None).action == "ok"
-    assert det.consecutive == 0
+    assert len(history(gate)) == 50 and history(gate)[-1] != pytest.approx(level * 2)  # the spike did not join
+    assert gate.check(level, None).reason == "ok"
+    assert int(gate.consecutive) == 0
+
+
+def test_threshold_matches_the_documented_formula():
+    """level + max(z * 1.4826 * MAD(diffs) / sqrt(2), min_jump * |level|), computed here with numpy."""
+    cfg = StabilityConfig(min_history=10, window=30, zscore=6.0, loss_min_jump=0.01)
+    gate = SpikeGate(cfg)
+    values = noisy_decline(45, seed=4)
+    feed(gate, values)
+    kept = np.array(values[-30:])
+    diffs = np.diff(kept)
+    sigma = 1.4826 * np.median(np.abs(diffs - np.median(diffs))) / math.sqrt(2)
+    level = np.median(kept[-5:])
+    assert float(gate.thresholds()[0]) == pytest.approx(level + max(6.0 * sigma, 0.01 * abs(level)), rel=1e-5)
 
 
 def test_small_rise_within_the_relative_floor_is_fine():
-    det = SpikeDetector(StabilityConfig(min_history=10, window=20, loss_min_jump=0.3))
-    feed(det, [2.0] * 20)  # MAD of differences is 0: only the relative floor decides
-    assert det.check(2.5, None).action == "ok"
-    assert det.check(2.7, None).action == "skip"
+    gate = SpikeGate(StabilityConfig(min_history=10, window=20, loss_min_jump=0.3))
+    feed(gate, [2.0] * 20)  # MAD of differences is 0: only the relative floor decides
+    assert gate.check(2.5, None).reason == "ok"
+    assert gate.check(2.7, None).reason == "spike"
 
 
 def test_grad_norm_spike_is_detected_on_its_own():
-    det = SpikeDetector(StabilityConfig(min_history=10, window=20))
+    gate = SpikeGate(StabilityConfig(min_history=10, window=20))
     rng = np.random.default_rng(1)
-    feed(det, [2.0] * 20, list(1.0 + rng.normal(0, 0.05, 20)))
-    assert det.check(2.0, 1.8).action == "ok"  # grad norms drift: less than double is no spike
-    verdict = det.check(2.0, 5.0)
-    assert (verdict.action, verdict.metric) == ("skip", "grad_norm")
+    feed(gate, [2.0] * 20, list(1.0 + rng.normal(0, 0.05, 20)))
+    assert gate.check(2.0, 1.8).reason == "ok"  # grad norms drift: less than double is no spike
+    verdict = gate.check(2.0, 5.0)
+    assert (verdict.reason, verdict.metric) == ("spike", "grad_norm")
 
 
-def test_persistent_spike_rolls_back_after_patience():
-    det = SpikeDetector(StabilityConfig(min_history=10, window=20, patience=3))
-    feed(det, [2.0] * 20)
-    assert [det.check(9.0, None).action for _ in range(3)] == ["skip", "skip", "rollback"]
-    assert det.check(9.0, None).reason == "spike"  # the count restarts after a rollback verdict
+def test_persistent_spike_after_patience():
+    gate = SpikeGate(StabilityConfig(min_history=10, window=20, patience=3))
+    feed(gate, [2.0] * 20)
+    assert [gate.check(9.0, None).reason for _ in range(3)] == ["spike", "spike", "persistent_spike"]
+    assert gate.check(9.0, None).reason == "spike"  # the count restarts after a persistent verdict
 
 
 @pytest.mark.parametrize("loss, grad", [(float("nan"), 1.0), (float("inf"), 1.0), (1.0, float("nan"))])
-def test_nonfinite_rolls_back_at_once(loss, grad):
-    det = SpikeDetector(StabilityConfig())
-    verdict = det.check(loss, grad)
-    assert verdict.action == "rollback" and verdict.reason == "nonfinite"
-    assert not det.history["loss"]
+def test_nonfinite_is_vetoed_at_once_and_counts_toward_patience(loss, grad):
+    gate = SpikeGate(StabilityConfig(patience=2))
+    verdict = gate.check(loss, grad)
+    assert verdict.reason == "nonfinite" and verdict.vetoed
+    assert history(gate) == []
+    assert gate.check(loss, grad).reason == "persistent_spike"
+
+
+def test_disabled_gate_vetoes_only_nonfinite_steps():
+    gate = SpikeGate(StabilityConfig(enabled=False, min_history=2, window=4, patience=1))
+    feed(gate, [2.0] * 4)
+    assert gate.check(50.0, 1.0).reason == "ok"
+    assert gate.check(float("nan"), 1.0).reason == "nonfinite"
+
+
+def test_judge_writes_its_verdict_log_and_returns_the_veto():
+    gate = SpikeGate(StabilityConfig(min_history=2, window=4), log_size=3)
+    loss = torch.tensor(2.0)
+    for slot in range(3):
+        gate.begin(slot, loss)
+    assert [v.reason for v in gate.read([0, 1, 2])] == ["unjudged"] * 3
+    assert float(gate.judge(0, loss, torch.tensor(1.0))) == 0.0
+    assert float(gate.judge(1, loss, torch.tensor(1.0))) == 0.0
+    assert float(gate.judge(2, torch.tensor(20.0), torch.tensor(1.0))) == 1.0
+    reasons = gate.read([0, 1, 2])
+    assert [v.reason for v in reasons] == ["ok", "ok", "spike"] and reasons[2].loss == 20.0 and reasons[0].grad_norm == 1.0
 
 
 def test_state_round_trip():
     cfg = StabilityConfig(min_history=3, window=8)
-    a = SpikeDetector(cfg)
+    a = SpikeGate(cfg)
     feed(a, [3.0, 2.9, 2.8, 2.7], [1.0, 1.1, 0.9, 1.0])
-    b = SpikeDetector(cfg)
+    b = SpikeGate(cfg)
     b.load_state_dict(a.state_dict())
-    assert b.threshold("loss") == a.threshold("loss") and b.threshold("grad_norm") == a.threshold("grad_norm")
+    assert torch.equal(a.thresholds(), b.thresholds())
+    assert b.state_dict() == a.state_dict()
+    c = SpikeGate(cfg)  # the host-side detector's state of earlier checkpoints: the same fields
+    c.load_state_dict({"history": {"loss": [3.0, 2.9, 2.8, 2.7], "grad_norm": [1.0, 1.1, 0.9, 1.0]}, "consecutive": 0})
+    assert torch.equal(a.thresholds(), c.thresholds())
 
 
 def test_fault_parsing_and_validation():
