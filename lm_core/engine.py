@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,10 +37,10 @@ from lm_core.model import GPT, GPTConfig
 from lm_core.run_state import RunState
 from lm_core.shards import ShardDocuments
 from lm_core.stability import EventLog, FaultInjector, SpikeGate, TrainingDiverged
-from lm_core.step_hooks import FaultHook, StepContext, UpdateRatioHook
+from lm_core.step_hooks import FaultHook, StepContext, StepHook, UpdateRatioHook
 from lm_core.tracking import Tracker
 from lm_core.train_config import TrainConfig, config_hash
-from lm_core.train_metrics import measure_matmul_tflops
+from lm_core.train_metrics import measure_matmul_tflops, sync_errors
 from lm_core.train_report import StepReport
 from lm_core.zero_adapter import ZeroEngine, build_model, full_ndim, init_distributed, precision_problem
 
@@ -84,9 +84,11 @@ def load_init_weights(model_dir: str | Path, model_cfg: GPTConfig) -> GPT:
 
 def train(model_cfg: GPTConfig, cfg: TrainConfig, train_shards: list[np.ndarray], val_shards: list[np.ndarray] | None,
           checkpoint_dir: Path, tracker: Tracker, progress: Callable[[dict], None] | None = None,
-          bos_id: int | None = None, documents: ShardDocuments | None = None) -> TrainResult:
+          bos_id: int | None = None, documents: ShardDocuments | None = None,
+          hooks: Sequence[StepHook] = ()) -> TrainResult:
     """`bos_id` marks document starts in the shards; train.document_attention needs it. `documents` (the
-    train split's document tables) lets events name the documents of the windows they skip."""
+    train split's document tables) lets events name the documents of the windows they skip. `hooks` run
+    after the built-in ones (e.g. a profiler's step, a custom metric)."""
     if cfg.document_attention and bos_id is None:
         raise ValueError("train.document_attention=true needs the tokenizer's bos_id to find document starts; "
                          "pass bos_id to lm_core.engine.train")
@@ -94,13 +96,14 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, train_shards: list[np.ndarray]
         raise ValueError(problem)
     t = _Training(model_cfg, cfg, Path(checkpoint_dir), tracker, progress, documents)
     t.start(train_shards)
-    run, zero, optimizer, gate, hooks = t.run, t.zero, t.optimizer, t.gate, t.hooks
+    run, zero, optimizer, gate, hooks = t.run, t.zero, t.optimizer, t.gate, t.hooks + list(hooks)
     segments_bos = bos_id if cfg.document_attention else None
     pending: list[StepContext] = []  # the steps since the last sync, whose verdicts the host has not read
     stop = SignalFlag()
     try:
         stop.install()
         while run.step < cfg.max_steps:
+            sync_errors(t.device, cfg.sync_check and run.step > t.start_step)  # the first step warms up
             ctx = StepContext(step=run.step, window=run.next_window(t.loader, t.accum), slot=len(pending),
                               is_log=t.is_log_step(run.step + 1), faults=t.faults.take(run.step),
                               lr=t.scheduler.get_last_lr()[0], loss_scale=zero.loss_scale)
@@ -130,6 +133,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, train_shards: list[np.ndarray]
             t.report.count_step()
             if not (t.is_sync_step(ctx.done) or (t.world_size == 1 and stop.signum)):
                 continue
+            sync_errors(t.device, False)
             verdicts = gate.read([c.slot for c in pending])  # the one host read of these steps
             rolled_back = t.settle(pending, verdicts)
             pending = []
@@ -147,6 +151,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, train_shards: list[np.ndarray]
                                           f"{checkpoint_dir} resumes it: rerun the same command")
     finally:
         stop.uninstall()
+        sync_errors(t.device, False)
     return t.finish(val_shards)
 
 

@@ -43,7 +43,10 @@ class TrainConfig:
     zero_bucket_elements: int = 0
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     document_attention: bool = False  # attention stays inside each packed document (block-diagonal causal mask)
-    compile: bool = False  # torch.compile the forward; falls back to eager if compiling fails
+    compile: bool = False  # torch.compile the module DeepSpeed runs (static shapes); falls back to eager if it fails
+    # CUDA: make any host sync inside an ordinary (non-log) step raise (torch.cuda.set_sync_debug_mode("error"));
+    # a check for the engine's own hot path, used by `python -m bench gpu`. Nothing on a CPU.
+    sync_check: bool = False
     seed: int = 1337
     log_every: int = 10
     eval_every: int = 0  # validation loss every N steps (0: only at the end)

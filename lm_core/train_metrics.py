@@ -77,3 +77,9 @@ def measure_matmul_tflops(precision: str, device: torch.device | str = "cpu", n:
             torch.cuda.synchronize()
         rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e12)
     return float(np.percentile(rates, 90))
+
+
+def sync_errors(device: torch.device, on: bool) -> None:
+    """CUDA's sync debug mode: with `on`, any operation that waits for the GPU raises (train.sync_check)."""
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error" if on else "default")
