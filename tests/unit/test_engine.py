@@ -382,3 +382,27 @@ def test_document_attention_trains(shards, tmp_path):
     plain = run_train(train_config(eval_every=0, checkpoint_every=0), shards, tmp_path / "ck2",
                       tmp_path / "h2.jsonl")
     assert not torch.equal(result.model.wte.weight, plain.model.wte.weight)
+
+
+@pytest.mark.slow
+def test_compile_runs_inside_the_engine(shards, tmp_path):
+    """train.compile compiles the module DeepSpeed runs (DeepSpeed's own compile, static shapes, tried on one
+    batch of the training shape): no fallback, and the same losses as eager up to kernel rounding."""
+    cfg = dict(precision="bf16", zero_stage=1, max_steps=4, log_every=2, eval_every=0, checkpoint_every=0)
+    eager = run_train(train_config(**cfg), shards, tmp_path / "eager", tmp_path / "eager.jsonl")
+    compiled = run_train(train_config(**cfg, compile=True), shards, tmp_path / "compiled", tmp_path / "compiled.jsonl")
+    assert not [e for e in compiled.events if e["kind"] == "compile_fallback"]
+    a = [v for _, v in metric(read_history(tmp_path / "eager.jsonl"), "train/loss")]
+    b = [v for _, v in metric(read_history(tmp_path / "compiled.jsonl"), "train/loss")]
+    assert b == pytest.approx(a, rel=1e-3) and eager.final_val_loss == pytest.approx(compiled.final_val_loss, rel=1e-3)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_reason(shards, tmp_path, monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("no compiler backend here")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", broken)
+    result = run_train(train_config(compile=True, max_steps=2, log_every=1, eval_every=0, checkpoint_every=0),
+                       shards, tmp_path / "ckpt", tmp_path / "h.jsonl")
+    fallback = [e for e in result.events if e["kind"] == "compile_fallback"]
+    assert len(fallback) == 1 and "no compiler backend here" in fallback[0]["detail"] and result.steps == 2
