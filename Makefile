@@ -23,6 +23,7 @@ tiny: $(STAMP)
 	$(BIN)/lmforge run -c tiny --workspace workspace-tiny
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

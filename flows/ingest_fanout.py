@@ -11,8 +11,8 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines import ingest
 from pipelines.config import PipelineConfig, from_dict
+from pipelines.stages import ingest
 from pipelines.workspace import Workspace
 
 

@@ -12,7 +12,7 @@ or LMFORGE_MLFLOW_UI_URL when yours live elsewhere.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 from uuid import UUID
 
 from pipelines.workspace import StageResult

@@ -1,6 +1,6 @@
 """The lmforge pipeline as a Prefect flow: each stage a task whose cache key is the stage key.
 
-The DAG itself is `pipelines.runner.run_pipeline`; this module only says how a stage runs as a task.
+The DAG itself is `pipelines.stages.runner.run_pipeline`; this module only says how a stage runs as a task.
 A task's cache key is the stage's own key (config + input keys + code version); when the stage's
 output is not on disk the task refreshes its cache instead of reading it, so a deleted workspace
 artifact is rebuilt, never "cached".
@@ -18,9 +18,9 @@ from prefect.runtime import flow_run
 
 from flows.ingest_fanout import fan_out_ingest
 from flows.links import link_stages_to_mlflow, prefect_flow_run_url, stage_markdown
-from pipelines import data_report
 from pipelines.config import PipelineConfig, from_dict, load_config
-from pipelines.runner import MODULES, run_pipeline
+from pipelines.data import data_report
+from pipelines.stages.runner import MODULES, run_pipeline
 from pipelines.workspace import StageResult, Workspace, load_result
 
 

@@ -3,7 +3,7 @@
 The subflows share one workspace and one Prefect cache: a stage task's cache key is its stage key, so
 the data stages (ingest … shard) run in the first subflow and show as `Cached` in the others; only
 what the grid changes (pretrain onward, for a model/optimizer grid) runs again. The grid, the
-comparison and the fit are `pipelines.sweep`; this module only wires them into Prefect.
+comparison and the fit are `pipelines.apps.sweep`; this module only wires them into Prefect.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 
 from flows.links import prefect_flow_run_url
 from flows.pipeline import pipeline_flow
-from pipelines import sweep
+from pipelines.apps import sweep
 from pipelines.workspace import StageResult
 
 

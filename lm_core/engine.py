@@ -22,9 +22,9 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    model: GPT  # unwrapped, fp32, full (consolidated) weights
+    model: GPT | None  # unwrapped, fp32, full (consolidated) weights; None on ZeRO-3 ranks other than 0
     steps: int
     tokens: int
     final_loss: float
@@ -303,7 +303,9 @@ class _Training:
         if val_shards is not None:
             val_loss = self.validation_loss(val_shards)
             self.report.log_final({"val/loss": val_loss}, cfg.max_steps)
-        model = self.zero.consolidated_model(self.model_cfg, self.checkpoint_dir)
+        # ZeRO-3 consolidates from the checkpoint: rank 0 alone needs (and builds) the full model
+        gather = self.rank == 0 or self.cfg.zero_stage != 3  # ZeRO-1/2 gather their partitions on every rank
+        model = self.zero.consolidated_model(self.model_cfg, self.checkpoint_dir) if gather else None
         return TrainResult(model, cfg.max_steps, cfg.max_steps * self.tokens_per_step, self.run.loss, val_loss,
                            time.perf_counter() - self.started, self.start_step, self.report.events.events,
                            self.run.skipped_steps, self.run.rollbacks)

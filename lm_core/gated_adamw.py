@@ -12,7 +12,7 @@ function runs on the first call of an optimizer step only.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -21,14 +21,15 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
+from lm_core.checkpoints import latest_tag
 from lm_core.engine import TrainingInterrupted
-from lm_core.zero_adapter import free_port
-from lm_core.tracking import Tracker
+from lm_core.tracking import Tracker, truncate_history
 from lm_core.train_config import TrainConfig, read_hostfile
+from lm_core.zero_adapter import free_port
 
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "ROLE_RANK")
 EXIT_INTERRUPTED = 75  # a rank stopped by SIGTERM/SIGINT after checkpointing (EX_TEMPFAIL: rerun to resume)
@@ -45,7 +46,7 @@ class TrainJob:
     bos_id: int | None
     checkpoint_dir: str
     tensorboard_dir: str
-    history_path: str
+    history_path: str  # JSONL, appended across resumes (keep it beside the checkpoints); see prepare_history
     model_dir: str  # rank 0 saves the trained model here (lm_core.weights format)
     result_path: str  # rank 0 writes the TrainResult numbers here
     model_extra: dict = field(default_factory=dict)  # extra config.json entries of the model directory
@@ -55,7 +56,7 @@ class TrainJob:
         return path
 
     @classmethod
-    def read(cls, path: Path) -> "TrainJob":
+    def read(cls, path: Path) -> TrainJob:
         return cls(**json.loads(Path(path).read_text()))
 
 
@@ -144,6 +145,19 @@ def _stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
 
 
 
+def resume_step(job: TrainJob) -> int | None:
+    """The step the job resumes from (its latest checkpoint), or None for a fresh start."""
+    tag = latest_tag(Path(job.checkpoint_dir))
+    return None if tag is None else int(tag.removeprefix("step"))
+
+
+def prepare_history(job: TrainJob) -> None:
+    """Before a (resumed) job starts: its history keeps the rows up to the checkpoint it resumes from. The
+    caller runs this once, before any rank starts (rank 0 then appends to the same file)."""
+    if (step := resume_step(job)) is not None:
+        truncate_history(Path(job.history_path), step)
+
+
 def train_job(job: TrainJob, progress: Callable[[dict], None] | None = None, tracker: Tracker | None = None):
     """This rank's part of `job` (all of it at world size 1, in the caller's process): train, and on rank 0
     save the model directory. Rank 0 reports to TensorBoard, the JSONL history and `tracker` (e.g. the
@@ -160,8 +174,9 @@ def train_job(job: TrainJob, progress: Callable[[dict], None] | None = None, tra
     shard_dir = Path(job.shard_dir)
     train_shards = open_split(shard_dir, "train", job.tokenizer_sha256)
     val_shards = open_split(shard_dir, "val", job.tokenizer_sha256)
-    reporters = (TensorBoardTracker(Path(job.tensorboard_dir)), JsonlTracker(Path(job.history_path)),
-                 *([tracker] if tracker is not None else [])) if rank == 0 else ()
+    resumed = resume_step(job)
+    reporters = (TensorBoardTracker(Path(job.tensorboard_dir), purge_step=None if resumed is None else resumed + 1),
+                 JsonlTracker(Path(job.history_path)), *([tracker] if tracker is not None else [])) if rank == 0 else ()
     trackers = MultiTracker(*reporters)
     try:
         result = train(model_cfg, cfg, train_shards, val_shards, Path(job.checkpoint_dir), trackers,

@@ -25,7 +25,7 @@ document (block-diagonal causal mask; positions are not reset, which RoPE's rela
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

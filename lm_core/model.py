@@ -21,7 +21,6 @@ from torch import Tensor
 
 from lm_core.typed_config import ConfigError  # a ValueError; lets the pipeline report all config errors alike
 
-
 # Model shapes by name, from the CI model to GPT-2 small and medium. The gpt2-* presets are GPT-2's own
 # recipe (learned positions, LayerNorm, GELU, biases, 1024 tokens of context): 124M / 355M parameters
 # with GPT-2's 50257-token vocabulary (the vocabulary size comes from the tokenizer; embeddings scale
@@ -43,7 +42,7 @@ def preset_fields(name: str) -> dict:
     return dict(PRESETS[name])
 
 
-def preset(name: str, **overrides) -> "GPTConfig":
+def preset(name: str, **overrides) -> GPTConfig:
     """The GPTConfig of a named shape, with `overrides` on top."""
     return GPTConfig(**{**preset_fields(name), **overrides})
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,23 +156,3 @@ def evaluate_task(model, encode, examples: list[MCExample], bos_id: int | None =
 
 def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: values[i])  # first of ties
-
-
-def word_ngrams(text: str, n: int) -> set[int]:
-    """Hashes of lower-cased word n-grams (hash, not tuples: a training corpus yields millions)."""
-    words = re.findall(r"\w+", text.lower())
-    return {hash(tuple(words[i : i + n])) for i in range(len(words) - n + 1)}
-
-
-def contamination(examples: list[MCExample], train_ngrams: set[int], n: int) -> dict:
-    """How many examples share at least one word n-gram with the training text (context + correct choice)."""
-    flagged = 0
-    checked = 0
-    for ex in examples:
-        grams = word_ngrams(ex.context + " " + " ".join(ex.choices[i] for i in sorted(ex.correct)), n)
-        if not grams:
-            continue
-        checked += 1
-        flagged += not grams.isdisjoint(train_ngrams)
-    return {"ngram": n, "examples_checked": checked, "examples_overlapping": flagged,
-            "overlap_fraction": flagged / checked if checked else 0.0}

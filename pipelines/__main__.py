@@ -4,15 +4,16 @@ the whole pipeline as plain function calls, without Prefect."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 
 from lm_core.engine import TrainingInterrupted
 from lm_core.launch import EXIT_INTERRUPTED
+from pipelines import environment
+from pipelines.apps.summary import print_summary
 from pipelines.config import load_config
-from pipelines.report import print_summary, quiet_environment
-from pipelines.runner import STAGES, preflight, run_pipeline
+from pipelines.stages import STAGES
+from pipelines.stages.runner import preflight, run_pipeline
 
 
 def main(argv: list[str]) -> int:
@@ -26,8 +27,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     ws = preflight(cfg)
-    quiet_environment(ws)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    environment.setup(ws)
     started = time.perf_counter()
     try:
         results = run_pipeline(cfg, only=args.only, start=args.start, force=args.force)

@@ -10,12 +10,12 @@ from typing import Any, Literal
 
 import yaml
 
-from lm_core.train_config import TrainConfig
 from lm_core.generate import SamplingConfig
 from lm_core.model import GPTConfig, preset_fields
 from lm_core.tokenizer import TokenizerConfig
+from lm_core.train_config import TrainConfig
 from lm_core.typed_config import ConfigError, build, to_dict
-from pipelines.neardup import NearDupConfig
+from pipelines.data.neardup import NearDupConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

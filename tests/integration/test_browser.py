@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 from process_fixtures import HEALTH, LMFORGE, UiProcess, child_env, free_ports
 
-from pipelines.runner import STAGES
+from pipelines.stages.runner import STAGES
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

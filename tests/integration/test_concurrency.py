@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from process_fixtures import child_env
 
-from pipelines.runner import STAGES
+from pipelines.stages.runner import STAGES
 from pipelines.workspace import Workspace, load_result
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

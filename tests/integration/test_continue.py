@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import continue_run
+from pipelines.apps import continue_run
 from pipelines.config import ConfigError, load_config
-from pipelines.register import INIT_VERSION_TAG
-from pipelines.runner import run_pipeline
+from pipelines.mlflow_store import INIT_VERSION_TAG
+from pipelines.stages.runner import run_pipeline
 
 # stdlib files far down the sorted list, so the tiny config's 300 stdlib documents do not hold them
 NEW_FILES = ["zipapp.py", "wave.py", "webbrowser.py"]

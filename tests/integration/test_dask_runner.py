@@ -11,9 +11,9 @@ import textwrap
 
 import pytest
 
-from pipelines import catalog
 from pipelines.config import load_config
-from pipelines.runner import run_pipeline
+from pipelines.data import catalog
+from pipelines.stages.runner import run_pipeline
 from pipelines.workspace import Workspace
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

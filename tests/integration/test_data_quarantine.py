@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import load_config
-from pipelines.runner import run_pipeline
+from pipelines.stages.runner import run_pipeline
 from pipelines.workspace import Workspace
 
 pytestmark = pytest.mark.integration
@@ -172,7 +172,7 @@ def test_an_empty_file_is_accounted_for_whatever_doc_chars(corpus, tmp_path):
     (texts / "blank.txt").write_text("  \n\n \n")
     cfg = load_config("tiny", [f"workspace={tmp_path / 'ws'}",
                                f"ingest.sources=[{{kind: text_dir, path: {texts}, doc_chars: 400}}]"])
-    from pipelines import ingest
+    from pipelines.stages import ingest
 
     result = ingest.run(cfg, Workspace(cfg.workspace))
     with catalog(cfg) as con:
@@ -212,7 +212,7 @@ def test_a_malformed_line_in_a_zst_file_is_quarantined(tmp_path):
     cut = tmp_path / "cut.jsonl.zst"  # a download that stopped half way
     cut.write_bytes(zstandard.ZstdCompressor().compress((json.dumps({"text": GOOD_RECORDS[2]}) + "\n").encode() * 50)[:40])
     cfg = load_config("tiny", [f"workspace={tmp_path / 'ws'}", f"ingest.sources=[{{kind: jsonl, path: {tmp_path}}}]"])
-    from pipelines import ingest
+    from pipelines.stages import ingest
 
     ingest.preflight(cfg)
     result = ingest.run(cfg, Workspace(cfg.workspace))

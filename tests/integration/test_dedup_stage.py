@@ -13,8 +13,9 @@ import textwrap
 import duckdb
 import pytest
 
-from pipelines import data_report, dedup, ingest
 from pipelines.config import load_config
+from pipelines.data import data_report
+from pipelines.stages import dedup, ingest
 from pipelines.workspace import Workspace
 
 pytestmark = pytest.mark.integration

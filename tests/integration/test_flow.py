@@ -8,7 +8,7 @@ import os
 import pytest
 
 from pipelines.config import load_config
-from pipelines.runner import STAGES
+from pipelines.stages.runner import STAGES
 from pipelines.workspace import Workspace
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -11,8 +11,9 @@ import textwrap
 
 import pytest
 
-from pipelines import catalog, data_report, dedup, ingest
 from pipelines.config import load_config
+from pipelines.data import catalog, data_report
+from pipelines.stages import dedup, ingest
 from pipelines.workspace import Workspace
 
 pytestmark = pytest.mark.integration

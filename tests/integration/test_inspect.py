@@ -28,7 +28,7 @@ def trained(tiny_cli_run):
 
 
 def test_pipeline_writes_a_readable_embedding_projector(trained):
-    from pipelines.inspect_cli import read_projector
+    from pipelines.stages.projector import read_projector
 
     _, ws, export = trained
     [config] = list((ws / "tensorboard").glob("*/projector/projector_config.pbtxt"))
@@ -37,8 +37,8 @@ def test_pipeline_writes_a_readable_embedding_projector(trained):
     assert torch.allclose(weights, model.wte.weight.detach(), atol=1e-4)  # the trained model's, not a fresh one
     assert len(labels) == model.cfg.vocab_size and "\u2581self" in labels
     # TensorBoard's own reader finds it (the projector plugin reads this file per run directory)
-    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
     from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
     parsed = text_format.Parse(config.read_text(), ProjectorConfig())
     assert [e.tensor_name for e in parsed.embeddings] == ["tok_emb:00000"]
@@ -74,12 +74,12 @@ def test_attention_png_is_logged_to_mlflow(trained):
     assert "2 layers x 4 heads" in done.stdout
     run_id = done.stdout.split(" run ")[1].split()[0]
 
-    from pipelines.register import configure_mlflow
-    from pipelines.workspace import Workspace
-
     import mlflow
 
-    configure_mlflow(Workspace(ws))
+    from pipelines import mlflow_store
+    from pipelines.workspace import Workspace
+
+    mlflow_store.configure(Workspace(ws))
     client = mlflow.MlflowClient()
     assert [a.path for a in client.list_artifacts(run_id, "attention")] == ["attention/attn.png"]
     run = client.get_run(run_id)
@@ -105,7 +105,7 @@ def test_serve_int8_answers_like_generate_int8(trained):
     from lm_core.generate import SamplingConfig, complete_text
     from lm_core.quantize import prepare_for_inference
     from lm_core.tokenizer import Tokenizer
-    from pipelines.serving import create_app
+    from pipelines.apps.serving import create_app
 
     _, _, export = trained
     client = TestClient(create_app(export, model_name="tiny", dtype="int8"))

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from lm_core.weights import load_model_dir
-from pipelines import pretrain
 from pipelines.config import load_config
-from pipelines.runner import run_pipeline
+from pipelines.stages import pretrain
+from pipelines.stages.runner import run_pipeline
 from pipelines.workspace import Workspace
 
 
@@ -63,8 +63,8 @@ def test_pretrain_stage_on_two_ranks(one_rank, launcher, zero_stage):
 
 
 def test_launch_commands(tmp_path):
-    from lm_core.train_config import TrainConfig
     from lm_core.launch import launch_command
+    from lm_core.train_config import TrainConfig
 
     job = tmp_path / "job.json"
     torchrun = launch_command(TrainConfig(nproc_per_node=4), job, 29500)

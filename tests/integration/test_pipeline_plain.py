@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import load_config
-from pipelines.runner import STAGES, run_pipeline
+from pipelines.stages.runner import STAGES, run_pipeline
 from pipelines.workspace import MANIFEST, Workspace
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -171,8 +171,8 @@ def test_split_covers_exactly_the_kept_documents(first, ws):
 def test_shard_index_totals_match_the_split_and_the_tokenizer(first, ws):
     from lm_core.shards import INDEX_FILE, open_split
     from lm_core.tokenizer import Tokenizer
-    from pipelines import catalog as catalog_queries
-    from pipelines.tokenizer import model_path
+    from pipelines.data import catalog as catalog_queries
+    from pipelines.stages.tokenizer import model_path
 
     shard, split = first["shard"], first["split"]
     index = json.loads((shard.dir / INDEX_FILE).read_text())

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from shard_fixtures import write_counting_shards
 
 from lm_core.engine import EVENTS_FILE, train
-from lm_core.train_config import TrainConfig
 from lm_core.model import GPTConfig
 from lm_core.shards import open_documents, open_split
 from lm_core.stability import StabilityConfig, TrainingDiverged, read_events
 from lm_core.tracking import JsonlTracker, read_history
-from shard_fixtures import write_counting_shards
+from lm_core.train_config import TrainConfig
 
 VOCAB, BLOCK = 64, 32
 MODEL = GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32)
@@ -135,7 +135,7 @@ def test_nan_without_a_checkpoint_is_vetoed_and_training_goes_on(shards, tmp_pat
 def test_pretrain_stage_writes_events_to_the_catalog(tmp_path):
     import duckdb
 
-    from pipelines import pretrain
+    from pipelines.stages import pretrain
     from pipelines.workspace import Workspace
 
     ws = Workspace(tmp_path / "ws")

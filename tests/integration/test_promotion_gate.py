@@ -7,7 +7,7 @@ import pytest
 
 from lm_core.typed_config import ConfigError
 from pipelines.config import load_config
-from pipelines.register import _gate_value_of, promotion_gate
+from pipelines.stages.register import _gate_value_of, promotion_gate
 from pipelines.workspace import StageResult
 
 pytestmark = pytest.mark.integration

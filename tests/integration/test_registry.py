@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import load_config
-from pipelines.runner import run_pipeline
+from pipelines.stages.runner import run_pipeline
 from pipelines.workspace import Workspace
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -69,7 +69,7 @@ def test_export_has_a_hugging_face_layout_that_matches_the_trained_model(first):
 
     from lm_core.tokenizer import Tokenizer
     from lm_core.weights import load_model_dir
-    from pipelines.export import hf_dir
+    from pipelines.stages.export import hf_dir
 
     export = first["export"]
     assert export.metrics["hf_layout"] == "hf"
@@ -91,7 +91,7 @@ def test_export_has_a_hugging_face_layout_that_matches_the_trained_model(first):
 
 
 def test_gpt2_style_model_skips_the_hugging_face_layout(cfg, first):
-    from pipelines.export import hf_dir
+    from pipelines.stages.export import hf_dir
 
     other = run_pipeline(load_config("tiny", [f"workspace={cfg.workspace}", "model.mlp=gelu", "train.max_steps=2",
                                       "train.warmup_steps=1"]),
@@ -140,9 +140,9 @@ def test_evaluate_scores_tasks_text_files_and_training_overlap(first, cfg, root)
 
     from lm_core.shards import open_split
     from lm_core.tokenizer import Tokenizer
-    from pipelines import bigbench
-    from pipelines import evaluate as evaluate_stage
-    from pipelines.tokenizer import model_path
+    from pipelines.data import bigbench
+    from pipelines.stages import evaluate as evaluate_stage
+    from pipelines.stages.tokenizer import model_path
 
     tok = Tokenizer(model_path(first["tokenizer"]))
     train_text = tok.decode(open_split(first["shard"].dir, "train", tok.sha256)[0][:4000].tolist())
@@ -153,7 +153,7 @@ def test_evaluate_scores_tasks_text_files_and_training_overlap(first, cfg, root)
     records.append({"context": "zebra quantum marmalade lighthouse oboe never appears in code", "choices": ["a", "b"], "answer": 1})
     task.write_text("".join(json.dumps(r) + "\n" for r in records))
     ws = Workspace(cfg.workspace)
-    cached = bigbench.task_path(ws, "toy/sub")  # as `python -m pipelines.bigbench toy/sub` leaves it
+    cached = bigbench.task_path(ws, "toy/sub")  # as `python -m pipelines.data.bigbench toy/sub` leaves it
     cached.parent.mkdir(parents=True)
     cached.write_text(json.dumps({"examples": [{"input": "x?", "target_scores": {"p": 1, "q": 0, "r": 0}}] * 5}))
     text_file = root / "extra.txt"
@@ -184,7 +184,7 @@ def test_models_cli_lists_shows_and_promotes(worse, cfg, root):
     assert "refused" in listed.stdout and "promoted" in listed.stdout
 
     # the rest in-process but one: each `lmforge models` process spends seconds importing mlflow
-    from pipelines import models_cli
+    from pipelines.apps import models as models_cli
 
     shown = models_cli.format_show(models_cli.show(Workspace(ws), f"{name}@candidate"))
     assert shown.startswith(f"{name} version 2")

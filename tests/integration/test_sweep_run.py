@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from pipelines import sweep
+from pipelines.apps import sweep
 from pipelines.workspace import Workspace
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

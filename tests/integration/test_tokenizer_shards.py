@@ -12,10 +12,11 @@ import pytest
 from lm_core.loader import TokenLoader
 from lm_core.shards import ShardError, open_split, read_index
 from lm_core.tokenizer import Tokenizer
-from pipelines import catalog, pretrain
-from pipelines import tokenizer as tokenizer_stage
 from pipelines.config import load_config
-from pipelines.runner import run_pipeline
+from pipelines.data import catalog
+from pipelines.stages import pretrain
+from pipelines.stages import tokenizer as tokenizer_stage
+from pipelines.stages.runner import run_pipeline
 from pipelines.workspace import Workspace
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~3-6 s: one tiny data pipeline

@@ -9,7 +9,7 @@ import tarfile
 import pytest
 
 from lm_core.multiple_choice import load_task
-from pipelines import bigbench
+from pipelines.data import bigbench
 from pipelines.workspace import Workspace
 
 TASK = {"name": "toy", "examples": [{"input": "Is fire hot?", "target_scores": {"Yes": 1, "No": 0}}]}

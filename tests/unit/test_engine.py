@@ -11,15 +11,15 @@ import shutil
 
 import pytest
 import torch
+from shard_fixtures import write_counting_shards
 
 from lm_core.engine import train
-from lm_core.train_metrics import update_ratio
-from lm_core.train_config import TrainConfig, deepspeed_config
 from lm_core.model import GPT, GPTConfig
 from lm_core.shards import open_split
 from lm_core.stability import StabilityConfig
 from lm_core.tracking import JsonlTracker, read_history
-from shard_fixtures import write_counting_shards
+from lm_core.train_config import TrainConfig, deepspeed_config
+from lm_core.train_metrics import update_ratio
 
 # --- TrainConfig ------------------------------------------------------------------------------------
 

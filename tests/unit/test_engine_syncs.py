@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shard_fixtures import write_counting_shards
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lm_core.engine import train
@@ -24,7 +25,6 @@ from lm_core.run_state import RunState
 from lm_core.shards import open_split
 from lm_core.tracking import JsonlTracker
 from lm_core.train_config import TrainConfig
-from shard_fixtures import write_counting_shards
 
 HOST_READS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "allclose", "nonzero", "masked_select", "unique",
               "lift_fresh", "lift_fresh_copy"}

@@ -11,7 +11,7 @@ import torch
 from lm_core.hf_export import save_hf_dir
 from lm_core.model import GPT, GPTConfig
 from lm_core.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
-from pipelines.gguf_export import permute_for_gguf, read_tensors, unpermute_from_gguf, write_gguf
+from pipelines.apps.gguf_export import permute_for_gguf, read_tensors, unpermute_from_gguf, write_gguf
 
 
 def test_round_trip_of_names_shapes_and_values(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_core.introspect import (attention_maps, embedding_matrix, nearest_tokens, resolve_token, surface_variants)
+from lm_core.introspect import attention_maps, embedding_matrix, nearest_tokens, resolve_token, surface_variants
 from lm_core.model import GPT, GPTConfig
 from lm_core.quantize import prepare_for_inference
 from lm_core.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
@@ -102,7 +102,7 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
 
 
 def test_projector_files_are_written_and_read_back(tokenizer, tmp_path):
-    from pipelines.inspect_cli import PROJECTOR_TAG, piece_label, read_projector, write_projector
+    from pipelines.stages.projector import PROJECTOR_TAG, piece_label, read_projector, write_projector
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))

@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from lm_core.model import GPT, GPTConfig
-from lm_core.multiple_choice import (MCExample, choice_logprobs, contamination, evaluate_task, load_bigbench,
-                                     load_jsonl, load_task, wilson_interval, word_ngrams)
+from lm_core.multiple_choice import (
+    MCExample,
+    choice_logprobs,
+    evaluate_task,
+    load_bigbench,
+    load_jsonl,
+    load_task,
+    wilson_interval,
+)
 
 V = C = 16
 CHARS = "abcdefgh "  # ids 4..12; 0..3 are control ids, 1 is bos
@@ -127,11 +134,3 @@ def test_bigbench_task_json(tmp_path):
     path.write_text(json.dumps({"examples": [{"input": "x", "target": "y"}]}))
     with pytest.raises(ValueError, match="no multiple-choice examples"):
         load_bigbench(path)
-
-
-def test_contamination_counts_examples_seen_in_training():
-    train = word_ngrams("the quick brown fox jumps over the lazy dog every single day", 4)
-    examples = [MCExample("Did the quick brown fox", ["jumps", "sleeps"], frozenset([0])),  # "the quick brown fox"
-                MCExample("Completely unrelated words here", ["yes", "no"], frozenset([0]))]
-    out = contamination(examples, train, 4)
-    assert out == {"ngram": 4, "examples_checked": 2, "examples_overlapping": 1, "overlap_fraction": 0.5}

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines.neardup import MinHasher, NearDupConfig, components, find_near_duplicates, read_words
+from pipelines.data.neardup import MinHasher, NearDupConfig, components, find_near_duplicates, read_words
 
 DOCS = [inspect.getdoc(f) for f in (json.dumps, json.loads, shutil.copytree, shutil.rmtree, textwrap.wrap,
                                     textwrap.fill, textwrap.dedent, re.sub, re.compile, random.shuffle)]

@@ -127,7 +127,7 @@ def test_model_keys_next_to_a_preset_in_a_file_win(tmp_path):
 def test_fp16_on_a_machine_without_fp16_kernels_is_refused_before_any_stage(tmp_path):
     from deepspeed.accelerator import get_accelerator
 
-    from pipelines import pretrain
+    from pipelines.stages import pretrain
 
     if get_accelerator().is_fp16_supported():
         pytest.skip("this machine's DeepSpeed accelerator runs fp16")

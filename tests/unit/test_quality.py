@@ -12,8 +12,8 @@ import duckdb
 import pytest
 
 from pipelines.config import NormalizeConfig, QualityConfig
-from pipelines.normalize import normalize_text
-from pipelines.quality import STATS_SQL, reason_sql
+from pipelines.data.normalize import normalize_text
+from pipelines.data.quality import STATS_SQL, reason_sql
 
 VERSE = """HAMLET.
 To be, or not to be, that is the question:

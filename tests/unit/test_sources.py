@@ -1,4 +1,4 @@
-"""Unit tests for pipelines.sources on files in a temp dir (and the offline stdlib source); no network."""
+"""Unit tests for pipelines.data.sources on files in a temp dir (and the offline stdlib source); no network."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipelines.config import ConfigError, SourceConfig
-from pipelines.sources import WHOLE_SOURCE, check_source, read_partition, read_source, source_fingerprint, source_partitions
+from pipelines.data.sources import WHOLE_SOURCE, check_source, read_partition, read_source, source_fingerprint, source_partitions
 
 
 def read(src: SourceConfig, tmp_path) -> list:

@@ -1,4 +1,4 @@
-"""pipelines.sweep without running anything: the grid (its errors name the key and the fix), the
+"""pipelines.apps.sweep without running anything: the grid (its errors name the key and the fix), the
 points it resolves to, the power-law fit on synthetic ladders, the frontier, and the plot."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lm_core.typed_config import ConfigError
-from pipelines import sweep
+from pipelines.apps import scaling_fit, sweep
 
 
 def test_grid_parses_keys_and_values_in_order():
@@ -68,7 +68,7 @@ def test_plan_checks_every_point_before_any_work(tmp_path, grid, overrides, name
 
 def test_power_law_recovers_a_and_b_from_exact_data():
     compute = np.geomspace(1e12, 1e17, 7)
-    law = sweep.fit_power_law(compute, 40.0 * compute ** -0.08)
+    law = scaling_fit.fit_power_law(compute, 40.0 * compute ** -0.08)
     assert law.a == pytest.approx(40.0, rel=1e-6)
     assert law.b == pytest.approx(0.08, rel=1e-6)
     assert law.e == 0 and law.r2 == pytest.approx(1.0) and law.n == 7
@@ -79,7 +79,7 @@ def test_power_law_with_noise_stays_close_and_r2_says_so():
     rng = np.random.default_rng(0)
     compute = np.geomspace(1e10, 1e16, 12)
     loss = 25.0 * compute ** -0.06 * np.exp(rng.normal(0, 0.01, compute.size))
-    law = sweep.fit_power_law(compute, loss)
+    law = scaling_fit.fit_power_law(compute, loss)
     assert law.b == pytest.approx(0.06, abs=0.005)
     assert 0.9 < law.r2 < 1.0
 
@@ -87,12 +87,12 @@ def test_power_law_with_noise_stays_close_and_r2_says_so():
 def test_irreducible_term_is_recovered_where_a_plain_law_fits_worse():
     compute = np.geomspace(1e12, 1e18, 8)
     loss = 1.7 + 300.0 * compute ** -0.2
-    law = sweep.fit_power_law(compute, loss, irreducible=True)
+    law = scaling_fit.fit_power_law(compute, loss, irreducible=True)
     assert law.e == pytest.approx(1.7, rel=1e-4)
     assert law.a == pytest.approx(300.0, rel=1e-3)
     assert law.b == pytest.approx(0.2, rel=1e-4)
     assert law.r2 == pytest.approx(1.0)
-    plain = sweep.fit_power_law(compute, loss)
+    plain = scaling_fit.fit_power_law(compute, loss)
     assert plain.r2 < 0.99  # the floor bends the log-log line
 
 
@@ -106,7 +106,7 @@ def test_irreducible_term_is_recovered_where_a_plain_law_fits_worse():
 ])
 def test_bad_fit_inputs_are_refused(compute, loss, irreducible, words):
     with pytest.raises(ValueError, match=words):
-        sweep.fit_power_law(compute, loss, irreducible)
+        scaling_fit.fit_power_law(compute, loss, irreducible)
 
 
 def _row(label: str, compute: float, bpb: float) -> dict:
@@ -118,17 +118,17 @@ def _row(label: str, compute: float, bpb: float) -> dict:
 
 def test_fit_uses_the_best_point_at_each_compute():
     rows = [_row("a", 1e9, 3.0), _row("b", 1e9, 2.5), _row("c", 4e9, 2.2), _row("d", 1.6e10, 2.0)]
-    assert sweep.frontier(rows) == [1, 2, 3]
-    law, note = sweep.fit_rows(rows)
+    assert scaling_fit.frontier(rows) == [1, 2, 3]
+    law, note = scaling_fit.fit_rows(rows)
     assert law is not None and law.n == 3 and "3 compute values" in note
     assert [r["on_frontier"] for r in rows] == [False, True, True, True]
-    law, note = sweep.fit_rows(rows[:3])
+    law, note = scaling_fit.fit_rows(rows[:3])
     assert law is None and "2 distinct compute" in note and "--grid model.n_embd=" in note
 
 
 def test_plot_and_table_are_written(tmp_path):
     rows = [_row("32", 1e9, 3.0), _row("64", 4e9, 2.6), _row("128", 1.6e10, 2.3)]
-    law, _ = sweep.fit_rows(rows)
+    law, _ = scaling_fit.fit_rows(rows)
     sweep.plot(rows, law, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sweep.write_csv(rows, tmp_path / "table.csv")

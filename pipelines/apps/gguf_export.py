@@ -1,6 +1,6 @@
 """Optional GGUF export (llama.cpp's file format) of an export's Hugging Face Llama directory.
 
-    python -m pipelines.gguf_export EXPORT_DIR [OUT.gguf]     (EXPORT_DIR/hf must exist)
+    python -m pipelines.apps.gguf_export EXPORT_DIR [OUT.gguf]     (EXPORT_DIR/hf must exist)
 
 Tensors are renamed with the gguf package's own Llama name map and stored as float32; q/k rows are
 permuted back to the interleaved RoPE layout llama.cpp uses (as its convert_hf_to_gguf.py does for

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from lm_core.shards import ShardWriter, encode_documents, write_index
 from lm_core.tokenizer import Tokenizer
-from pipelines import catalog
-from pipelines import tokenizer as tokenizer_stage
 from pipelines.config import PipelineConfig
+from pipelines.data import catalog
+from pipelines.stages import tokenizer as tokenizer_stage
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
 STAGE, VERSION = "shard", "3"  # 2: per-shard doc id range and tokenizer hash; 3: per-shard document tables

@@ -5,13 +5,11 @@ Each function returns plain data (tests read it); `format_*` turn it into the te
 
 from __future__ import annotations
 
-import os
 import time
 
+from pipelines import mlflow_store
+from pipelines.mlflow_store import GATE_TAGS
 from pipelines.workspace import Workspace
-
-# the promotion gate's version tags, lmforge.gate.<name> (written by pipelines.register)
-GATE_TAGS = ("decision", "metric", "value", "higher_is_better", "champion_version", "champion_value", "reason")
 
 
 class RegistryError(LookupError):
@@ -19,13 +17,10 @@ class RegistryError(LookupError):
 
 
 def _client(ws: Workspace):
-    from mlflow import MlflowClient
-
-    if not (ws.mlflow_dir / "mlflow.db").is_file():
-        raise RegistryError(f"no MLflow registry in {ws.root}; run `lmforge run` first or pass --workspace")
-    # not pipelines.register.configure_mlflow: importing the stages would load torch for a listing
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    return MlflowClient(tracking_uri=ws.mlflow_uri, registry_uri=ws.mlflow_uri)
+    try:
+        return mlflow_store.client(ws, must_exist=True)
+    except LookupError as exc:
+        raise RegistryError(str(exc)) from None
 
 
 def _registered(client, name: str):

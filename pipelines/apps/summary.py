@@ -1,23 +1,11 @@
-"""What a finished run prints, and the environment the services want before they are imported."""
+"""What a finished run prints."""
 
 from __future__ import annotations
 
-import os
 import resource
 
 from pipelines.config import PipelineConfig
 from pipelines.workspace import StageResult, Workspace
-
-
-def quiet_environment(ws: Workspace) -> None:
-    """Settings that must be in place before prefect/mlflow are imported."""
-    os.environ.setdefault("PREFECT_HOME", str(ws.prefect_home))
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lmforge")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DO_NOT_TRACK", "true")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def print_summary(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageResult], seconds: float) -> None:

@@ -15,18 +15,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lm_core.engine import load_init_weights
 from lm_core.evaluation import bits_per_byte
 from lm_core.generate import generate
-from lm_core.engine import load_init_weights
 from lm_core.model import GPT
-from lm_core.multiple_choice import contamination, evaluate_task, load_task, word_ngrams
+from lm_core.multiple_choice import evaluate_task, load_task
 from lm_core.shards import open_split
 from lm_core.tokenizer import Tokenizer
 from lm_core.weights import load_model_dir
-from pipelines import bigbench, inspect_cli
-from pipelines import pretrain as pretrain_stage
-from pipelines import tokenizer as tokenizer_stage
 from pipelines.config import EvalTaskConfig, PipelineConfig
+from pipelines.data import bigbench, decontam
+from pipelines.stages import pretrain as pretrain_stage
+from pipelines.stages import projector
+from pipelines.stages import tokenizer as tokenizer_stage
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
 STAGE, VERSION = "evaluate", "1"
@@ -91,7 +92,7 @@ def run(cfg: PipelineConfig, ws: Workspace, pretrain: StageResult, shard: StageR
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         tb_dir = pretrain.metrics.get("tensorboard_dir")
         if tb_dir:  # the embeddings in TensorBoard's projector, labelled with pieces, beside the training scalars
-            inspect_cli.write_projector(model, tok, Path(tb_dir) / inspect_cli.PROJECTOR_DIR)
+            projector.write_projector(model, tok, Path(tb_dir) / projector.PROJECTOR_DIR)
         return metrics
 
     return run_stage(ws, STAGE, key(cfg, pretrain, shard, tokenizer), build, force)
@@ -109,20 +110,22 @@ def _task_files(cfg: PipelineConfig, ws: Workspace) -> dict[str, tuple[EvalTaskC
 
 def _score_tasks(cfg: PipelineConfig, model, tok: Tokenizer, shard: StageResult,
                  task_files: dict[str, tuple[EvalTaskConfig, Path]]) -> list[dict]:
-    """One row per task: accuracies with intervals, chance level, and the training-data overlap."""
+    """One row per task: accuracies with intervals, chance level, and the training-data overlap (word
+    n-grams of context + correct choice, hashed as the dedup stage's decontamination hashes them)."""
     n = cfg.eval.decontam_ngram
-    train_ngrams: set[int] = set()
-    for array in open_split(shard.dir, "train", tok.sha256):  # the training text, decoded back from its tokens
-        for start in range(0, array.size, 200_000):
-            train_ngrams |= word_ngrams(tok.decode(array[start : start + 200_000].tolist()), n)
+    train_text = (tok.decode(array[start : start + 200_000].tolist())  # the training text, decoded from its tokens
+                  for array in open_split(shard.dir, "train", tok.sha256) for start in range(0, array.size, 200_000))
+    reference = decontam.reference_ngrams(train_text, n)
     rows = []
     for name, (task, path) in task_files.items():
         examples = load_task(path)[: task.max_examples]
         scores = evaluate_task(model, tok.encode, examples, bos_id=tok.bos_id)
-        overlap = contamination(examples, train_ngrams, n)
+        texts = [ex.context + " " + " ".join(ex.choices[i] for i in sorted(ex.correct)) for ex in examples]
+        checkable, hit = decontam.overlapping(texts, reference, n)
+        checked = int(checkable.sum())
         rows.append({"task": name, "source": str(path), **{k: v for k, v in scores.items() if k != "examples"},
-                     "overlap_fraction": overlap["overlap_fraction"], "overlapping_examples": overlap["examples_overlapping"],
-                     "ngram": n})
+                     "overlap_fraction": int(hit.sum()) / checked if checked else 0.0,
+                     "overlapping_examples": int(hit.sum()), "ngram": n})
     return rows
 
 

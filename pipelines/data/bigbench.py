@@ -6,21 +6,20 @@ sha256, and streamed: only the task.json files asked for are read out of the tar
 evaluation runs offline afterwards. Task names are paths under bigbench/benchmark_tasks/, e.g.
 `anachronisms` or `logical_deduction/three_objects` (a task with subtasks has examples only in them).
 
-    python -m pipelines.bigbench [--workspace DIR] [--archive FILE] TASK [TASK ...]
-    python -m pipelines.bigbench --list
+    python -m pipelines.data.bigbench [--workspace DIR] [--archive FILE] TASK [TASK ...]
+    python -m pipelines.data.bigbench --list
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
-import hashlib
 import os
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
+from pipelines.data.sdist import fetch_sdist
 from pipelines.workspace import Workspace
 
 VERSION = "1.0.0"
@@ -39,23 +38,9 @@ def task_path(ws: Workspace, name: str) -> Path:
 
 
 def fetch_archive(downloads: Path) -> Path:
-    """The bigbench sdist from the package index (pip's own client and settings), cached and verified."""
-    archive = downloads / ARCHIVE
-    if not archive.is_file():
-        downloads.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               f"bigbench=={VERSION}", "-d", str(downloads)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0 or not archive.is_file():
-            raise RuntimeError(f"could not download the BIG-bench archive with `{' '.join(cmd)}`:\n{done.stderr[-2000:]}\n"
-                               f"Offline? Copy {ARCHIVE} into {downloads} or pass --archive FILE")
-    digest = hashlib.sha256()
-    with archive.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != ARCHIVE_SHA256:
-        raise RuntimeError(f"{archive} has sha256 {digest.hexdigest()}, expected {ARCHIVE_SHA256}; delete it and rerun")
-    return archive
+    """The bigbench sdist from the package index, cached and verified."""
+    return fetch_sdist(f"bigbench=={VERSION}", ARCHIVE, ARCHIVE_SHA256, downloads,
+                       f"Copy {ARCHIVE} into {downloads} or pass --archive FILE")
 
 
 def _task_name(member: str) -> str | None:
@@ -91,7 +76,7 @@ def extract_tasks(archive: Path, names: list[str], out_dir: Path) -> dict[str, P
     if missing:
         hints = {m: difflib.get_close_matches(m, seen, n=3, cutoff=0.5) for m in missing}
         detail = "; ".join(f"'{m}'" + (f" (did you mean {', '.join(h)}?)" if h else "") for m, h in hints.items())
-        raise ValueError(f"no BIG-bench task {detail} in {archive.name}; `python -m pipelines.bigbench --list` lists them")
+        raise ValueError(f"no BIG-bench task {detail} in {archive.name}; `python -m pipelines.data.bigbench --list` lists them")
     return found
 
 
@@ -106,7 +91,7 @@ def prepare(ws: Workspace, names: list[str], archive: Path | None = None) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipelines.bigbench", description="Prepare BIG-bench tasks offline.")
+    p = argparse.ArgumentParser(prog="python -m pipelines.data.bigbench", description="Prepare BIG-bench tasks offline.")
     p.add_argument("tasks", nargs="*", metavar="TASK", help="e.g. anachronisms logical_deduction/three_objects")
     p.add_argument("--workspace", default="workspace")
     p.add_argument("--archive", type=Path, help=f"a local {ARCHIVE} (default: fetched with pip into the workspace)")

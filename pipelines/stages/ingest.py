@@ -28,10 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lm_core.typed_config import to_dict
-from pipelines import catalog, decontam
 from pipelines.config import ConfigError, NormalizeConfig, PipelineConfig, SourceConfig
-from pipelines.normalize import exact_key, normalize_text
-from pipelines.sources import Record, check_source, read_partition, source_partitions
+from pipelines.data import catalog, decontam
+from pipelines.data.normalize import exact_key, normalize_text
+from pipelines.data.sources import Record, check_source, read_partition, source_partitions
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
 STAGE, VERSION = "ingest", "3"

@@ -2,16 +2,16 @@
 
 Each document of the snapshot gets one doc_status row: kept, or dropped with the first reason that
 applies, in this order:
-  quality:<rule>    a quality rule failed (pipelines.quality); duplicate_of is NULL
-  contaminates:<s>  shares a long word n-gram with eval set <s> (pipelines.decontam)
+  quality:<rule>    a quality rule failed (pipelines.data.quality); duplicate_of is NULL
+  contaminates:<s>  shares a long word n-gram with eval set <s> (pipelines.data.decontam)
   exact_duplicate   same text after lower-casing and collapsing whitespace as an earlier document
   near_duplicate    in a cluster of near duplicates: LSH candidates whose word n-gram shingle sets have
-                    Jaccard >= dedup.near.threshold (pipelines.neardup)
+                    Jaccard >= dedup.near.threshold (pipelines.data.neardup)
 For duplicates, duplicate_of names the kept document of its cluster. Within a cluster the document with
 the smallest uri survives, so the choice is stable. With `dedup.incremental`, documents an earlier run
-already judged keep their verdict, and what it kept is matched but never dropped (pipelines.incremental).
+already judged keep their verdict, and what it kept is matched but never dropped (pipelines.data.incremental).
 `read == kept + sum(dropped by reason)` is checked before the stage is marked complete. The run's data
-report (pipelines.data_report) is written beside its output.
+report (pipelines.data.data_report) is written beside its output.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines import catalog, data_report, decontam, incremental
 from pipelines.config import PipelineConfig
-from pipelines.neardup import find_near_duplicates
-from pipelines.quality import STATS_SQL, reason_sql
+from pipelines.data import catalog, data_report, decontam, incremental
+from pipelines.data.neardup import find_near_duplicates
+from pipelines.data.quality import STATS_SQL, reason_sql
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
 STAGE, VERSION = "dedup", "2"

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from lm_core.typed_config import to_dict
-from pipelines import catalog
 from pipelines.config import DedupConfig
-from pipelines.neardup import band_table
+from pipelines.data import catalog
+from pipelines.data.neardup import band_table
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS dedup_runs (

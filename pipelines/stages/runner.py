@@ -6,14 +6,14 @@ passes its own `call` so that every stage becomes a task, with the same wiring.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
-from pipelines import dedup, evaluate, export, ingest, pretrain, register, shard, split, tokenizer
 from pipelines.config import PipelineConfig
+from pipelines.stages import STAGES, dedup, evaluate, export, ingest, pretrain, register, shard, split, tokenizer
 from pipelines.workspace import StageResult, Workspace
 
-STAGES = ("ingest", "dedup", "split", "tokenizer", "shard", "pretrain", "evaluate", "export", "register")
 MODULES: dict[str, ModuleType] = {
     "ingest": ingest, "dedup": dedup, "split": split, "tokenizer": tokenizer, "shard": shard,
     "pretrain": pretrain, "evaluate": evaluate, "export": export, "register": register,
@@ -64,7 +64,7 @@ def run_pipeline(cfg: PipelineConfig, only: str | None = None, start: str | None
         "split": lambda: (r["dedup"],),
         "tokenizer": lambda: (r["split"],),
         "shard": lambda: (r["split"], r["tokenizer"]),
-        "pretrain": lambda: (r["shard"], r["tokenizer"]),
+        "pretrain": lambda: (r["shard"], r["tokenizer"], tags or {}),
         "evaluate": lambda: (r["pretrain"], r["shard"], r["tokenizer"]),
         "export": lambda: (dict(r),),
         "register": lambda: (dict(r), tags or {}),

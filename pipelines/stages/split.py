@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipelines import catalog
 from pipelines.config import PipelineConfig
+from pipelines.data import catalog
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
 STAGE, VERSION = "split", "1"

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipelines import catalog
+from pipelines.data import catalog
 from pipelines.workspace import StageResult
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "data_report.json", "data_report.md", "data_report.png"
@@ -29,7 +29,7 @@ def accounting(con: Any) -> list[dict]:
         SELECT snapshot, sum(docs)::BIGINT, sum(quarantined)::BIGINT FROM (
             SELECT snapshot, count(*) AS docs, 0 AS quarantined FROM documents GROUP BY ALL
             UNION ALL SELECT snapshot, 0, count(*) FROM quarantine GROUP BY ALL) GROUP BY ALL ORDER BY 1""")
-    for snapshot, docs, quarantined in snapshots:
+    for snapshot, _docs, _quarantined in snapshots:
         keys = [k for (k,) in catalog.rows(con, "SELECT DISTINCT dedup_key FROM doc_status WHERE snapshot = ? ORDER BY 1", [snapshot])]
         out.extend(entry(con, snapshot, dedup_key) for dedup_key in keys or [None])
     return out

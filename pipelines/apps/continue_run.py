@@ -21,9 +21,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines import ingest
+from pipelines import mlflow_store
 from pipelines.config import ConfigError, PipelineConfig, from_dict
-from pipelines.register import INIT_VERSION_TAG, configure_mlflow
+from pipelines.mlflow_store import INIT_VERSION_TAG
+from pipelines.stages import ingest
 from pipelines.workspace import Workspace
 
 INBOX_SOURCE = "inbox"
@@ -76,22 +77,12 @@ def plan(cfg: PipelineConfig, inbox: Path, tokens: int, glob: str = "**/*.txt") 
 
 def champion_model_dir(ws: Workspace, name: str, alias: str) -> tuple[str, Path] | None:
     """(version, local model directory) of `name@alias`, downloaded once per version into the workspace."""
-    import mlflow
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
 
     if not ws.mlflow_dir.is_dir():
         return None
-    configure_mlflow(ws)
     try:
-        version = str(MlflowClient().get_model_version_by_alias(name, alias).version)
+        version = str(mlflow_store.client(ws).get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
-    target = ws.root / "continue" / f"{name}-v{version}"
-    if not (target / "MLmodel").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(target))
-    # the pyfunc keeps the lmforge model directory under artifacts/; MLmodel says where
-    artifact = Model.load(str(target)).flavors["python_function"]["artifacts"]["model_dir"]["path"]
-    return version, target / artifact
+    return version, mlflow_store.download_model(ws, f"models:/{name}/{version}", ws.root / "continue" / f"{name}-v{version}")

@@ -1,9 +1,12 @@
 """Stage 6, pretrain: train the GPT on the train shards through lm_core's DeepSpeed engine.
 
-TensorBoard logs go to `tensorboard/<key>/` and DeepSpeed checkpoints to `checkpoints/<key>/`, so an
-interrupted run of the same key resumes from its last checkpoint; the stage output is the final model
-directory (safetensors), the metric history and the training events (spikes, skipped updates,
-rollbacks, interruptions), which also land in the DuckDB catalog as table `training_events`.
+Metrics stream live to the model's MLflow run (created here, with system metrics; the register stage
+adds the evaluation and the registered version to the same run) and to TensorBoard (`tensorboard/<key>/`).
+DeepSpeed checkpoints go to `checkpoints/<key>/`, with the metric history and the events beside them, so an
+interrupted run of the same key resumes from its last checkpoint into the same MLflow run and one
+continuous history. The stage output is the final model directory (safetensors), the metric history and
+the training events (spikes, vetoed updates, rollbacks, interruptions), which also land in the DuckDB
+catalog as table `training_events`.
 
 The stage describes the run as one `lm_core.launch.TrainJob`. World size 1 (the default) runs it in this
 process; with `train.nproc_per_node` > 1, or a DeepSpeed `train.hostfile` for several nodes, torchrun or
@@ -16,19 +19,21 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 from lm_core.checkpoints import checkpoint_tag, latest_tag
 from lm_core.engine import EVENTS_FILE, load_init_weights
-from lm_core.launch import TrainJob, run_ranks, train_job
+from lm_core.launch import TrainJob, prepare_history, run_ranks, train_job
 from lm_core.stability import read_events
 from lm_core.tokenizer import Tokenizer
 from lm_core.typed_config import to_dict
 from lm_core.zero_adapter import precision_problem
-from pipelines import tokenizer as tokenizer_stage
+from pipelines import mlflow_store
 from pipelines.config import ConfigError, PipelineConfig
+from pipelines.stages import tokenizer as tokenizer_stage
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
 # 2: bf16 is DeepSpeed's bf16 mode (fp32 masters in the optimizer), not autocast; 3: the spike gate judges on the
@@ -43,7 +48,7 @@ CREATE TABLE IF NOT EXISTS training_events (
 log = logging.getLogger("lmforge")
 
 
-def key(cfg: PipelineConfig, shard: StageResult, tokenizer: StageResult) -> str:
+def key(cfg: PipelineConfig, shard: StageResult, tokenizer: StageResult, tags: dict[str, str] | None = None) -> str:
     return stage_key(STAGE, VERSION, {"model": cfg.model, "train": cfg.train}, [shard, tokenizer])
 
 
@@ -59,8 +64,9 @@ def preflight(cfg: PipelineConfig) -> None:
             raise ConfigError(str(exc)) from None
 
 
-def run(cfg: PipelineConfig, ws: Workspace, shard: StageResult, tokenizer: StageResult, force: bool = False,
-        progress: Callable[[dict], None] | None = None) -> StageResult:
+def run(cfg: PipelineConfig, ws: Workspace, shard: StageResult, tokenizer: StageResult,
+        tags: dict[str, str] | None = None, force: bool = False, progress: Callable[[dict], None] | None = None) -> StageResult:
+    """`tags` go on the model's MLflow run (e.g. the Prefect flow-run id); they are not part of the key."""
     pretrain_key = key(cfg, shard, tokenizer)
     checkpoints, tb_dir = ws.checkpoints / pretrain_key, ws.tensorboard / pretrain_key
     progress = progress or _log_progress
@@ -75,18 +81,24 @@ def run(cfg: PipelineConfig, ws: Workspace, shard: StageResult, tokenizer: Stage
         job = TrainJob(model=to_dict(cfg.model), train=to_dict(cfg.train), shard_dir=str(shard.dir),
                        tokenizer_path=str(tokenizer_stage.model_path(tokenizer)), tokenizer_sha256=tok.sha256,
                        bos_id=tok.bos_id, checkpoint_dir=str(checkpoints), tensorboard_dir=str(tb_dir),
-                       history_path=str(out / HISTORY_FILE), model_dir=str(out / MODEL_DIR),
+                       history_path=str(checkpoints / HISTORY_FILE), model_dir=str(out / MODEL_DIR),
                        result_path=str(out / "ranks_result.json"), model_extra={"tokenizer_sha256": tok.sha256})
+        prepare_history(job)
+        run_tags = {"lmforge.config_name": cfg.name, "lmforge.pretrain_key": pretrain_key, **(tags or {})}
         try:
-            if cfg.train.world_size() == 1:  # this process is the one rank
-                result = train_job(job, progress=progress)
-            else:  # the configured launcher starts the ranks; each runs the same train_job
-                result = SimpleNamespace(**run_ranks(job, out / "train_job.json",
-                                                     on_line=lambda line: log.info("[ranks] %s", line)))
+            with mlflow_store.training_run(ws, cfg.register.experiment, f"{cfg.name}-{pretrain_key[:8]}", checkpoints,
+                                           run_tags) as tracker:
+                if cfg.train.world_size() == 1:  # this process is the one rank
+                    result = train_job(job, progress=progress, tracker=tracker)
+                else:  # the configured launcher starts the ranks, each on the same train_job; rank 0's history
+                    with mlflow_store.HistoryFollower(Path(job.history_path), tracker, start_at_end=True):
+                        result = SimpleNamespace(**run_ranks(job, out / "train_job.json",
+                                                             on_line=lambda line: log.info("[ranks] %s", line)))
         finally:
             # also when training diverged or was interrupted: the table says what happened
             events = read_events(checkpoints / EVENTS_FILE)
             record_events(ws, pretrain_key, events)
+        shutil.copyfile(job.history_path, out / HISTORY_FILE)
         (out / EVENTS_FILE).write_text("".join(json.dumps(e) + "\n" for e in events))
         return {
             "world_size": cfg.train.world_size(),
@@ -105,6 +117,7 @@ def run(cfg: PipelineConfig, ws: Workspace, shard: StageResult, tokenizer: Stage
             "training_events": len(events),
             "tensorboard_dir": str(tb_dir),
             "checkpoint_dir": str(checkpoints),
+            "mlflow_run_id": tracker.run_id,
         }
 
     return run_stage(ws, STAGE, pretrain_key, build, force)

@@ -1,14 +1,14 @@
-"""Stage 9, register: one MLflow run per trained model — params, per-step metrics, artifacts, and a
-nested run per stage — and a new registered model version with alias `candidate` and tags that lead
-back to the data. Then the promotion gate: the version becomes `champion` only when its gate metric
-beats the current champion's (the first version of a model always does); the decision, both numbers
-and the reason are written to the version's tags and to registration.json.
+"""Stage 9, register: the trained model's MLflow run (the one the pretrain stage streamed its metrics
+into) gets the params, the evaluation, artifacts, lineage tags and a nested run per stage, and a new
+registered model version with alias `candidate` and tags that lead back to the data. Then the promotion
+gate: the version becomes `champion` only when its gate metric beats the current champion's (the first
+version of a model always does); the decision, both numbers and the reason are written to the version's
+tags and to registration.json.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -18,31 +18,22 @@ import yaml
 
 from lm_core.tracking import read_history
 from lm_core.typed_config import ConfigError, flatten
-from pipelines import data_report
-from pipelines import evaluate as evaluate_stage
-from pipelines import export as export_stage
-from pipelines import pretrain as pretrain_stage
+from pipelines import mlflow_store
 from pipelines.config import PipelineConfig
-from pipelines.lineage import lineage
-from pipelines.models_cli import GATE_TAGS
+from pipelines.data import data_report
+from pipelines.mlflow_store import GATE_TAGS, INIT_VERSION_TAG
+from pipelines.stages import evaluate as evaluate_stage
+from pipelines.stages import export as export_stage
+from pipelines.stages import pretrain as pretrain_stage
+from pipelines.stages.lineage import lineage
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
 STAGE, VERSION = "register", "2"
-INIT_VERSION_TAG = "lmforge.init_from_version"  # set by a continued run: the version it started from
 PIP_REQUIREMENTS = ["torch==2.13.0", "safetensors", "sentencepiece", "numpy"]
 
 
 def key(cfg: PipelineConfig, results: dict[str, StageResult], tags: dict[str, str] | None = None) -> str:
     return stage_key(STAGE, VERSION, cfg.register, [results["export"], results["evaluate"]])
-
-
-def configure_mlflow(ws: Workspace) -> None:
-    import mlflow
-
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    ws.mlflow_dir.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(ws.mlflow_uri)
-    mlflow.set_registry_uri(ws.mlflow_uri)
 
 
 def run(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageResult], tags: dict[str, str] | None = None,
@@ -53,18 +44,20 @@ def run(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageResult], tag
 
     def build(out: Path) -> dict:
         import mlflow
-        from mlflow import MlflowClient
 
-        from pipelines.mlflow_model import LmforgeTextGenerator, signature
+        from pipelines.stages.pyfunc_model import LmforgeTextGenerator, signature
 
-        configure_mlflow(ws)
-        client = MlflowClient()
-        experiment = _experiment(client, ws, cfg.register.experiment)
+        mlflow_store.configure(ws)
+        client = mlflow_store.client(ws)
+        experiment = mlflow_store.experiment(client, ws, cfg.register.experiment)
         run_tags = {**lineage(cfg, results), **(tags or {})}
-        with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=f"{cfg.name}-{export.key[:8]}", tags=run_tags) as run:
+        run_id = _training_run_id(client, results["pretrain"])
+        with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment.experiment_id,
+                              run_name=f"{cfg.name}-{export.key[:8]}", tags=run_tags) as run:
+            if run_id is None:  # no live run to continue (its store was replaced): replay the training history
+                _log_history(client, run.info.run_id, results["pretrain"])
             params = {k: str(v)[:500] for k, v in flatten({k: v for k, v in cfg.to_dict().items() if k != "workspace"}).items()}
             mlflow.log_params(params)
-            _log_history(client, run.info.run_id, results["pretrain"])
             stage_metrics = {f"{stage}.{k}": float(v) for stage in ("ingest", "dedup", "split", "tokenizer", "shard", "pretrain")
                              if stage in results for k, v in results[stage].metrics.items() if _is_number(v)}
             mlflow.log_metrics({**stage_metrics, **{f"eval.{k}": float(v) for k, v in evaluate.metrics.items() if _is_number(v)}})
@@ -206,14 +199,18 @@ def _log_stage_runs(results: dict[str, StageResult], experiment_id: str) -> None
             data_report.log_to_mlflow(result)  # dedup: accounting tables + plot; nothing for other stages
 
 
-def _experiment(client, ws: Workspace, name: str):
-    """The experiment, created with its artifacts inside the workspace (MLflow's default is ./mlruns)."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        location = (ws.mlflow_dir / "artifacts").resolve().as_uri()
-        client.create_experiment(name, artifact_location=location)
-        experiment = client.get_experiment_by_name(name)
-    return experiment
+def _training_run_id(client, pretrain: StageResult) -> str | None:
+    """The MLflow run the pretrain stage trained into, when it is in this store."""
+    from mlflow.exceptions import MlflowException
+
+    run_id = pretrain.metrics.get("mlflow_run_id")
+    if not run_id:
+        return None
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return None
+    return run_id
 
 
 def _log_history(client, run_id: str, pretrain: StageResult) -> None:

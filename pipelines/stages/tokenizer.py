@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from lm_core.shards import file_sha256
 from lm_core.tokenizer import Tokenizer, train_tokenizer
-from pipelines import catalog
 from pipelines.config import ConfigError, PipelineConfig
+from pipelines.data import catalog
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
 STAGE, VERSION = "tokenizer", "1"

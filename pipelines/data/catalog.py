@@ -9,12 +9,13 @@ ingest_partitions  per snapshot, each partition it holds with its counts; a late
             rows of a partition it shares (same file, same settings) instead of reading the file again
 doc_status  per dedup key: each document kept, or dropped with a reason and what it duplicates
 splits      per split key: each kept document's split (train/val)
-(dedup_runs and minhash_bands, for incremental dedup, are pipelines.incremental's.)
+(dedup_runs and minhash_bands, for incremental dedup, are pipelines.data.incremental's.)
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
