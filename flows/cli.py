@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from pipelines.apps import cli as apps_cli
 from pipelines.stages import STAGES
+
+ERROR_LOG = Path(tempfile.gettempdir()) / "lmforge-last-error.log"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,30 +22,62 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    from lm_core.typed_config import ConfigError
-
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"lmforge: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        return _stopped(exc)
+    except Exception as exc:  # noqa: BLE001 - every error ends as one line; --debug shows the traceback
+        if args.debug:
+            raise
+        return _report(exc)
 
 
-def _stopped(exc: Exception) -> int:
-    """SIGTERM/Ctrl-C during training: a checkpoint was written, so say how to resume instead of a traceback."""
+def _report(exc: Exception) -> int:
+    """One line on stderr: `lmforge: error: <problem and fix>` (exit 2) for errors a user can fix, `lmforge:
+    stopped:` (exit 75, the same command resumes) after SIGTERM/Ctrl-C checkpointed training, and for anything
+    else its type and first line, with the traceback written to ERROR_LOG (exit 1)."""
+    import traceback
+
     from lm_core.engine import TrainingInterrupted
-    from lm_core.launch import EXIT_INTERRUPTED  # 75, EX_TEMPFAIL: the same command resumes
+    from lm_core.launch import EXIT_INTERRUPTED  # 75, EX_TEMPFAIL
+    from lm_core.shards import ShardError
+    from lm_core.stability import TrainingDiverged
+    from lm_core.typed_config import ConfigError
+    from pipelines.workspace import WorkspaceError
 
-    if not isinstance(exc, TrainingInterrupted):
-        raise exc
-    print(f"lmforge: stopped: {exc}", file=sys.stderr)
-    return EXIT_INTERRUPTED
+    if isinstance(exc, TrainingInterrupted):
+        print(f"lmforge: stopped: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    ERROR_LOG.write_text("".join(traceback.format_exception(exc)))
+    if isinstance(exc, (ConfigError, FileNotFoundError, WorkspaceError, ShardError, TrainingDiverged, LookupError)):
+        print(f"lmforge: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    print(f"lmforge: error: {type(exc).__name__}: {_one_line(exc)} (traceback in {ERROR_LOG}; rerun with --debug to "
+          "see it here)", file=sys.stderr)
+    return 1
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def _no_tracebacks_for_interrupts() -> None:
+    """A SIGTERM/Ctrl-C'd training ends the task and the flow with TrainingInterrupted, which Prefect logs with
+    its traceback twice before our one line says how to resume: keep the lines, drop the tracebacks."""
+    import logging
+
+    class DropInterruptTraceback(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and type(record.exc_info[1]).__name__ == "TrainingInterrupted":
+                record.exc_info, record.exc_text = None, None
+            return True
+
+    for handler in logging.getLogger("prefect").handlers:
+        handler.addFilter(DropInterruptTraceback())
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Build a GPT-style language model from raw text, end to end.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the pipeline (ingest → … → register) as a Prefect flow")
@@ -114,6 +149,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         from flows.pipeline import pipeline_flow
 
+        _no_tracebacks_for_interrupts()
+
         results = pipeline_flow(config=cfg.to_dict(), only=args.only, start=args.start, force=args.force)
     print_summary(cfg, ws, results, time.perf_counter() - started)
     return 0
@@ -151,6 +188,8 @@ def _cmd_continue(args: argparse.Namespace) -> int:
         results = run_pipeline(plan.cfg, tags=plan.tags)
     else:
         from flows.continue_flow import continue_flow
+
+        _no_tracebacks_for_interrupts()
 
         outcome = continue_flow(inbox=args.inbox, tokens=args.tokens, config=cfg.to_dict(), glob=args.glob)
         if not outcome["ran"]:

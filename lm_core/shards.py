@@ -191,7 +191,7 @@ def read_index(shard_dir: Path, tokenizer_sha256: str | None = None) -> dict:
     index = json.loads(path.read_text())
     if index.get("format", 1) > FORMAT_VERSION:
         raise ShardError(f"{path} has shard format {index['format']}, newer than this code reads ({FORMAT_VERSION}); "
-                         "upgrade lmforge or re-run the shard stage")
+                         "upgrade lmforge or rerun the shard stage: lmforge run --only shard")
     if tokenizer_sha256 is not None:
         for made_with, where in [(index["tokenizer_sha256"], str(path)),
                                  *((s.get("tokenizer_sha256", index["tokenizer_sha256"]), s["file"]) for s in index["shards"])]:
@@ -221,12 +221,12 @@ def open_shard(path: Path, sha256: str, num_tokens: int) -> np.ndarray:
         raise ShardError(f"shard file missing: {path}")
     actual = file_sha256(path)
     if actual != sha256:
-        raise ShardError(f"shard {path} is corrupted or truncated: sha256 {actual[:12]} != manifest {sha256[:12]}; re-run the shard stage")
+        raise ShardError(f"shard {path} is corrupted or truncated: sha256 {actual[:12]} != manifest {sha256[:12]}; rerun the shard stage: lmforge run --only shard")
     source = pa.memory_map(str(path), "r")
     column = ipc.open_file(source).get_batch(0).column(0)
     tokens = column.to_numpy(zero_copy_only=True)
     if tokens.size != num_tokens:
-        raise ShardError(f"shard {path} holds {tokens.size} tokens, manifest says {num_tokens}; re-run the shard stage")
+        raise ShardError(f"shard {path} holds {tokens.size} tokens, manifest says {num_tokens}; rerun the shard stage: lmforge run --only shard")
     return tokens
 
 
@@ -255,7 +255,7 @@ def open_documents(shard_dir: Path, split: str, tokenizer_sha256: str | None = N
             return None
         path = Path(shard_dir) / info["docs_file"]
         if not path.is_file() or file_sha256(path) != info["docs_sha256"]:
-            raise ShardError(f"document table {path} is missing or does not match its index checksum; re-run the shard stage")
+            raise ShardError(f"document table {path} is missing or does not match its index checksum; rerun the shard stage: lmforge run --only shard")
         batch = ipc.open_file(pa.memory_map(str(path), "r")).get_batch(0)
         tables.append((batch.column(0).to_numpy(zero_copy_only=False), batch.column(1).to_numpy()))
     return ShardDocuments(tables)

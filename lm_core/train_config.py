@@ -81,8 +81,18 @@ class TrainConfig:
         if self.precision == "fp16" and self.zero_stage == 0:
             raise ValueError("train.precision=fp16 needs train.zero_stage >= 1: DeepSpeed's ZeRO-0 fp16 optimizer "
                              "unscales gradients that its engine never scaled; set train.zero_stage=1 (or use bf16)")
+        for key in ("lr", "weight_decay", "beta1", "beta2", "grad_clip", "min_lr_ratio", "decay_fraction", "peak_tflops"):
+            if not math.isfinite(getattr(self, key)):
+                raise ValueError(f"train.{key}={getattr(self, key)} is not a finite number; set a number, e.g. "
+                                 f"train.{key}={getattr(TrainConfig, key)}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.lr={self.lr} must be > 0 and train.min_lr_ratio={self.min_lr_ratio} in [0, 1]")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"train.beta1={self.beta1} and train.beta2={self.beta2} must be in [0, 1), "
+                             f"train.weight_decay={self.weight_decay} and train.grad_clip={self.grad_clip} >= 0")
+        for key in ("eval_every", "checkpoint_every", "num_threads"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 0 (0: {_ZERO_MEANS[key]})")
         if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
             raise ValueError(f"train.warmup_steps={self.warmup_steps} must be in [0, train.max_steps={self.max_steps}]")
         if self.schedule not in ("cosine", "wsd"):
@@ -130,6 +140,10 @@ class TrainConfig:
         progress = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
         cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine
+
+
+_ZERO_MEANS = {"eval_every": "validate at the end only", "checkpoint_every": "checkpoint at the end only",
+               "num_threads": "torch's default"}
 
 
 def read_hostfile(path: str | Path) -> dict[str, int]:

@@ -59,6 +59,11 @@ class IngestConfig:
     def validate(self) -> None:
         if not self.sources:
             raise ConfigError("ingest.sources is empty; name at least one source, e.g. [{kind: shakespeare}]")
+        if self.min_chars < 0:
+            raise ConfigError(f"ingest.min_chars={self.min_chars} must be >= 0 (0 keeps every non-empty document)")
+        if self.max_chars < max(1, self.min_chars):
+            raise ConfigError(f"ingest.max_chars={self.max_chars} is below ingest.min_chars={self.min_chars}: every "
+                              "document would be quarantined; set ingest.max_chars above ingest.min_chars")
         labels = [s.label for s in self.sources]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"ingest.sources names repeat ({labels}); give each source a distinct 'name'")
@@ -159,6 +164,11 @@ class EvalConfig:
         labels = [t.label for t in self.tasks]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"eval.tasks names repeat ({labels}); give each task a distinct 'name'")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise ConfigError(f"eval.max_windows={self.max_windows} must be >= 1, or null to score the whole "
+                              "validation split")
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size={self.batch_size} must be >= 1")
         if self.decontam_ngram < 1:
             raise ConfigError(f"eval.decontam_ngram={self.decontam_ngram} must be >= 1; e.g. 8 or 13")
 
@@ -272,7 +282,12 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like key.path=value, e.g. train.max_steps=200")
     dotted, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({problem}); check its brackets and quotes, "
+                          f"e.g. {dotted.strip()}='[{{kind: stdlib}}]'") from None
     *parents, leaf = dotted.strip().split(".")
     node = data
     for part in parents:

@@ -36,6 +36,18 @@ _held: dict[str, list[int]] = {}
 _held_guard = threading.Lock()
 
 
+class WorkspaceError(ValueError):
+    """The workspace cannot be used as it is; the message says what to do."""
+
+
+class CatalogDamaged(WorkspaceError):
+    def __init__(self, path: Path, exc: Exception):
+        detail = str(exc).splitlines()[0][:300]
+        super().__init__(f"the catalog {path} is damaged or not a DuckDB file ({type(exc).__name__}: {detail}); "
+                         "restore it from a copy, or move it away and rerun with --from ingest (the data stages "
+                         "rebuild it; the stages after them run again)")
+
+
 @dataclass(frozen=True)
 class StageResult:
     stage: str
@@ -97,11 +109,24 @@ class Workspace:
         # DuckDB lets one process write a database file (and none read it meanwhile): another run in this
         # workspace waits here instead of failing with "Could not set lock on file"
         with self.lock("catalog", shared=read_only):
-            con = duckdb.connect(str(self.catalog), read_only=read_only)
+            try:
+                con = duckdb.connect(str(self.catalog), read_only=read_only)
+            except duckdb.Error as exc:
+                raise CatalogDamaged(self.catalog, exc) from None
             try:
                 yield con
             finally:
                 con.close()
+
+    def check(self) -> None:
+        """Before any stage runs: the workspace is a directory, and its catalog (if any) opens. A fully
+        cached run reads no catalog, so without this it would not notice a damaged one."""
+        if self.root.exists() and not self.root.is_dir():
+            raise WorkspaceError(f"workspace {self.root} is a file, not a directory; pass --workspace DIR (a new or "
+                                 "existing directory) or move the file")
+        if self.catalog.is_file():
+            with self.duckdb(read_only=True) as con:
+                con.execute("SELECT count(*) FROM information_schema.tables").fetchall()
 
     def stage_dir(self, stage: str, key: str) -> Path:
         return self.artifacts / stage / key

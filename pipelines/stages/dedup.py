@@ -7,8 +7,9 @@ applies, in this order:
   exact_duplicate   same text after lower-casing and collapsing whitespace as an earlier document
   near_duplicate    in a cluster of near duplicates: LSH candidates whose word n-gram shingle sets have
                     Jaccard >= dedup.near.threshold (pipelines.data.neardup)
-For duplicates, duplicate_of names the kept document of its cluster. Within a cluster the document with
-the smallest uri survives, so the choice is stable. With `dedup.incremental`, documents an earlier run
+For duplicates, duplicate_of names the kept document of its cluster. Within a cluster the earliest
+document in source order survives (the config's order of sources, then file, then line/row/chunk number,
+numerically), so the choice is stable and the original wins over later copies. With `dedup.incremental`, documents an earlier run
 already judged keep their verdict, and what it kept is matched but never dropped (pipelines.data.incremental).
 `read == kept + sum(dropped by reason)` is checked before the stage is marked complete. The run's data
 report (pipelines.data.data_report) is written beside its output.
@@ -30,7 +31,7 @@ from pipelines.data.neardup import find_near_duplicates
 from pipelines.data.quality import STATS_SQL, reason_sql
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
-STAGE, VERSION = "dedup", "2"
+STAGE, VERSION = "dedup", "3"  # 3: the earliest copy in source order is kept (numeric line/row/chunk)
 
 
 def key(cfg: PipelineConfig, ingest: StageResult) -> str:
@@ -91,19 +92,34 @@ def run(cfg: PipelineConfig, ws: Workspace, ingest: StageResult, force: bool = F
 
 
 def _screen(con: Any, snapshot: str, cfg: PipelineConfig) -> None:
-    """dedup_work: each document to judge with its priority idx (uri order), quality verdict and exact
+    """dedup_work: each document to judge with its priority idx (source order), quality verdict and exact
     key; inherited kept documents come first as references (is_ref), not scored again."""
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE dedup_work AS
-            SELECT row_number() OVER (ORDER BY is_ref DESC, uri, doc_id) - 1 AS idx, doc_id, is_ref, quality, exact_key
-            FROM (SELECT doc_id, uri, true AS is_ref, CAST(NULL AS VARCHAR) AS quality,
+            SELECT row_number() OVER (ORDER BY is_ref DESC, {SOURCE_ORDER_SQL.format(sources=_source_rank(cfg))}, doc_id) - 1
+                   AS idx, doc_id, is_ref, quality, exact_key
+            FROM (SELECT doc_id, source, uri, record_no, true AS is_ref, CAST(NULL AS VARCHAR) AS quality,
                          coalesce(norm_hash, content_hash) AS exact_key
                   FROM documents WHERE snapshot = ? AND doc_id IN (SELECT doc_id FROM dedup_inherit WHERE status = 'kept')
                   UNION ALL
-                  SELECT doc_id, uri, false, {reason_sql(cfg.dedup.quality)}, exact_key
-                  FROM (SELECT doc_id, uri, text, coalesce(norm_hash, content_hash) AS exact_key, {STATS_SQL}
+                  SELECT doc_id, source, uri, record_no, false, {reason_sql(cfg.dedup.quality)}, exact_key
+                  FROM (SELECT doc_id, source, uri, record_no, text, coalesce(norm_hash, content_hash) AS exact_key,
+                               {STATS_SQL}
                         FROM documents WHERE snapshot = ? AND doc_id NOT IN (SELECT doc_id FROM dedup_inherit)))""",
         [snapshot, snapshot])
+
+
+# Source order, which decides the copy of a duplicate cluster that is kept: the config's order of sources,
+# then the file, then the line/row number in it, then the chunk number in that record (uris look like
+# `path`, `path:LINE`, `path#CHUNK`, `path:ROW#CHUNK`), numerically: line 1269 comes before line 12167
+SOURCE_ORDER_SQL = r"""{sources}, regexp_replace(uri, '(:[0-9]+)?(#[0-9]+)?$', ''), record_no NULLS FIRST,
+    coalesce(TRY_CAST(regexp_extract(uri, '#([0-9]+)$', 1) AS BIGINT), -1)"""
+
+
+def _source_rank(cfg: PipelineConfig) -> str:
+    """A SQL expression: the position of a document's source in ingest.sources."""
+    cases = " ".join(f"WHEN '{src.label.replace(chr(39), chr(39) * 2)}' THEN {i}" for i, src in enumerate(cfg.ingest.sources))
+    return f"CASE source {cases} ELSE {len(cfg.ingest.sources)} END" if cases else "0"
 
 
 def _decontaminate(con: Any, snapshot: str, cfg: PipelineConfig, ws: Workspace) -> int:

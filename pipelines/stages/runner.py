@@ -43,12 +43,14 @@ def selected_stages(only: str | None = None, start: str | None = None, force: bo
 
 
 def preflight(cfg: PipelineConfig) -> Workspace:
-    """Checks that need no work: sources exist and are non-empty, files the config names exist and fit.
-    Config types were checked at load."""
+    """Checks that need no work: the workspace is usable (a directory, a catalog that opens), sources exist
+    and are non-empty, files the config names exist and fit. Config types were checked at load."""
+    Workspace(cfg.workspace).check()
     ingest.preflight(cfg)
     tokenizer.preflight(cfg)
     pretrain.preflight(cfg)
     ws = Workspace(cfg.workspace)
+    ws.check()
     ws.root.mkdir(parents=True, exist_ok=True)
     return ws
 

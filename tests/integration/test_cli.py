@@ -57,6 +57,15 @@ BAD_INPUT = [
     pytest.param(["run", "--no-prefect", "-c", "no-such-config"], None,
                  ["'no-such-config' not found", "default", "tiny"], id="unknown-config-file"),
     pytest.param(["config", "train.max_step=5"], None, ["'train.max_step'", "did you mean"], id="config-unknown-key"),
+    pytest.param(["run", "--no-prefect", "ingest.sources=[{kind: "], None, ["not valid YAML", "ingest.sources"],
+                 id="bad-yaml-override"),
+    pytest.param(["run", "--no-prefect", "eval.max_windows=-1"], None, ["eval.max_windows=-1", ">= 1"], id="max-windows"),
+    pytest.param(["run", "--no-prefect", "train.lr=nan"], None, ["train.lr=nan", "finite"], id="lr-nan"),
+    pytest.param(["run", "--no-prefect", "train.checkpoint_every=-1"], None, ["train.checkpoint_every=-1", ">= 0"],
+                 id="checkpoint-every"),
+    pytest.param(["run", "--no-prefect", "ingest.min_chars=-1"], None, ["ingest.min_chars=-1", ">= 0"], id="min-chars"),
+    pytest.param(["run", "--no-prefect", "ingest.min_chars=100", "ingest.max_chars=50"], None,
+                 ["ingest.max_chars=50", "below ingest.min_chars=100"], id="max-below-min"),
 ]
 
 
@@ -77,6 +86,30 @@ def test_bad_input_fails_before_any_work(tmp_path, args, corpus_kind, expected):
         assert text in line, f"{text!r} not in {line!r}"
     assert not (ws / "catalog.duckdb").exists(), "work started before the input was checked"
     assert not (ws / "artifacts").exists()
+
+
+def test_a_workspace_that_is_a_file_or_a_damaged_catalog_is_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    done = lmforge("run", "-c", "tiny", "--no-prefect", "--workspace", tmp_path / "a-file", cwd=tmp_path)
+    assert done.returncode == 2 and "is a file, not a directory" in error_line(done)
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "catalog.duckdb").write_bytes(b"DUCK" + bytes(2000))  # what a truncated copy looks like
+    done = lmforge("run", "-c", "tiny", "--no-prefect", "--workspace", tmp_path / "ws", cwd=tmp_path)
+    line = error_line(done)
+    assert done.returncode == 2 and "damaged" in line and "--from ingest" in line
+    assert not (tmp_path / "ws" / "artifacts").exists()  # checked before any stage, so a cached run notices too
+
+
+def test_unexpected_errors_are_one_line_with_the_traceback_kept(capsys):
+    from flows.cli import ERROR_LOG, _report
+    from lm_core.shards import ShardError
+
+    assert _report(ShardError("shard x is corrupted or truncated; rerun the shard stage")) == 2
+    assert capsys.readouterr().err.strip() == "lmforge: error: shard x is corrupted or truncated; rerun the shard stage"
+    assert _report(RuntimeError("boom\nsecond line")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lmforge: error: RuntimeError: boom second line") and "--debug" in err[0]
+    assert "Traceback" in ERROR_LOG.read_text() or "RuntimeError" in ERROR_LOG.read_text()
 
 
 def test_generate_without_an_export_says_what_to_do(tmp_path):

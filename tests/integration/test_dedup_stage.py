@@ -236,3 +236,33 @@ def test_the_data_report_goes_beside_the_output_and_to_mlflow(corpus, tmp_path):
     assert counts[("kept", "")] == result.metrics["kept"] and counts[("dropped", "near_duplicate")] == 1
     assert counts[("read", "")] == sum(n for (what, _), n in counts.items() if what != "read")
     assert not client.list_artifacts(parent.info.run_id, "data")
+
+
+def test_the_earliest_copy_in_source_order_is_kept(tmp_path):
+    """Line 9 of a JSONL file comes before line 10 (not after, as the strings ':10' < ':9' would have it),
+    chunk #9 before chunk #10, and an earlier source in ingest.sources before a later one."""
+    texts = [f"document number {i} about {w} with enough words to pass the quality rules easily today"
+             for i, w in enumerate(["apples", "pears", "plums", "figs", "dates", "limes", "kiwis", "grapes"])]
+    dup = "a duplicated paragraph that appears twice in the file and once in another source to test ordering"
+    lines = texts + [dup, dup]  # lines 9 and 10
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    chunks = "\n\n".join([f"chunk {i} of a long text file, different words each time: {w} {w} {w} and more filler"
+                          for i, w in enumerate("abcdefghi")] + ["the same closing chunk appears twice here"] * 2)
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "book.txt").write_text(chunks)
+    sources = (f"ingest.sources=[{{kind: jsonl, name: first, path: {tmp_path / 'a.jsonl'}}}, "
+               f"{{kind: text_dir, name: later, path: {tmp_path / 'texts'}, doc_chars: 60}}, "
+               f"{{kind: jsonl, name: again, path: {tmp_path / 'a.jsonl'}}}]")
+    cfg = load_config("tiny", [f"workspace={tmp_path / 'ws'}", sources, "ingest.min_chars=10"])
+    ws = Workspace(cfg.workspace)
+    result = dedup.run(cfg, ws, ingest.run(cfg, ws))
+    with catalog(cfg) as con:
+        rows = dict(con.execute("""SELECT d.source || ' ' || d.uri, s.status FROM doc_status s
+                                   JOIN documents d USING (snapshot, doc_id) WHERE s.dedup_key = ?""",
+                                [result.key]).fetchall())
+    a = tmp_path / "a.jsonl"
+    assert rows[f"first {a}:9"] == "kept" and rows[f"first {a}:10"] == "dropped"
+    assert rows[f"again {a}:9"] == "dropped" and rows[f"again {a}:1"] == "dropped"  # the earlier source wins
+    book = [k for k in rows if k.startswith("later ") and "#" in k]
+    kept = sorted(int(k.rsplit("#", 1)[1]) for k in book if rows[k] == "kept")
+    assert 9 in kept and 10 not in kept, sorted(book)
