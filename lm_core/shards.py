@@ -37,6 +37,9 @@ class ShardError(RuntimeError):
     """A shard is missing, corrupted, truncated, or made with another tokenizer."""
 
 
+RERUN = "rerun the shard stage: lmforge run --only shard"
+
+
 @dataclass
 class ShardInfo:
     file: str
@@ -221,12 +224,12 @@ def open_shard(path: Path, sha256: str, num_tokens: int) -> np.ndarray:
         raise ShardError(f"shard file missing: {path}")
     actual = file_sha256(path)
     if actual != sha256:
-        raise ShardError(f"shard {path} is corrupted or truncated: sha256 {actual[:12]} != manifest {sha256[:12]}; rerun the shard stage: lmforge run --only shard")
+        raise ShardError(f"shard {path} is corrupted or truncated: sha256 {actual[:12]} != manifest {sha256[:12]}; {RERUN}")
     source = pa.memory_map(str(path), "r")
     column = ipc.open_file(source).get_batch(0).column(0)
     tokens = column.to_numpy(zero_copy_only=True)
     if tokens.size != num_tokens:
-        raise ShardError(f"shard {path} holds {tokens.size} tokens, manifest says {num_tokens}; rerun the shard stage: lmforge run --only shard")
+        raise ShardError(f"shard {path} holds {tokens.size} tokens, manifest says {num_tokens}; {RERUN}")
     return tokens
 
 
@@ -255,7 +258,7 @@ def open_documents(shard_dir: Path, split: str, tokenizer_sha256: str | None = N
             return None
         path = Path(shard_dir) / info["docs_file"]
         if not path.is_file() or file_sha256(path) != info["docs_sha256"]:
-            raise ShardError(f"document table {path} is missing or does not match its index checksum; rerun the shard stage: lmforge run --only shard")
+            raise ShardError(f"document table {path} is missing or does not match its index checksum; {RERUN}")
         batch = ipc.open_file(pa.memory_map(str(path), "r")).get_batch(0)
         tables.append((batch.column(0).to_numpy(zero_copy_only=False), batch.column(1).to_numpy()))
     return ShardDocuments(tables)
