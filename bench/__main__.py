@@ -20,6 +20,7 @@ BENCHMARKS = {
     "loader": ("bench.loader", "training loader samples/s; ratio = vs flat np.memmap random windows"),
     "quantize": ("bench.quantize", "fp32 vs bf16 vs int8 weights: memory, decode tokens/s, val bpb; ratio = int8 / fp32 bytes"),
     "gpu": ("bench.gpu", "CUDA, 124M bf16: the engine (ZeRO 0-3, fp16, fp32) vs a plain compiled loop; ratio = engine ZeRO-1 / plain"),
+    "stability": ("bench.stability", "spike gate: vetoed steps on healthy runs, detection of injected faults; ratio = FPs now / before"),
     "dedup": ("bench.dedup", "near-dup docs/s, recall/precision on planted pairs; ratio = vs datasketch MinHash+LSH"),
 }
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -121,7 +121,9 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, train_shards: list[np.ndarray]
             step_loss = t.mean_over_ranks(loss_sum / t.accum)
             zero.boundary()  # gradients reduced; ZeRO-0/1/2 measure the pre-clip norm here
             gate.begin(ctx.slot, step_loss)
-            optimizer.arm(functools.partial(t.judge, ctx.slot, step_loss))  # runs inside DeepSpeed's step
+            # runs inside DeepSpeed's step; spikes are judged once the lr warmup is over
+            spikes = ctx.step >= cfg.warmup_steps or cfg.stability.judge_warmup
+            optimizer.arm(functools.partial(t.judge, ctx.slot, step_loss, spikes))
             for hook in hooks:
                 hook.before_update(ctx, optimizer)
             ctx.applied = zero.step()
@@ -224,10 +226,10 @@ class _Training:
             value = value / self.world_size
         return value
 
-    def judge(self, slot: int, step_loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def judge(self, slot: int, step_loss: torch.Tensor, spikes: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(grad_scale, found_inf) of this step for the fused AdamW kernel: the clip and the gate's veto."""
         norm = self.zero.grad_norm()
-        return clip_scale(norm, self.cfg.grad_clip), self.gate.judge(slot, step_loss, norm)
+        return clip_scale(norm, self.cfg.grad_clip), self.gate.judge(slot, step_loss, norm, spikes)
 
     def settle(self, pending: list[StepContext], verdicts) -> bool:
         """Write the events of the steps since the last sync and keep the counts; True when it rolled back."""

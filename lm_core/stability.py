@@ -46,13 +46,16 @@ LEVEL_SPAN = 5  # recent accepted values whose median is the reference level
 class StabilityConfig:
     enabled: bool = True
     window: int = 50  # accepted steps the running MAD looks back over
-    min_history: int = 20  # no verdict other than NaN/Inf until this many steps were accepted
+    min_history: int = 20  # no verdict other than NaN/Inf until this many steps were accepted (nor during lr warmup)
     zscore: float = 6.0  # robust z-score above the recent level that counts as a spike
     loss_min_jump: float = 0.3  # ... and at least this fraction above the recent level (loss)
-    grad_norm_min_jump: float = 1.0  # the same for the grad norm, which drifts up and down more in healthy runs
+    # the same for the grad norm, which swings far more in healthy runs (2-3x its recent median is common);
+    # a bad batch or a blown-up step moves it by orders of magnitude
+    grad_norm_min_jump: float = 3.0
+    judge_warmup: bool = False  # judge spikes during the lr warmup too (by default only NaN/Inf are vetoed there)
     patience: int = 3  # this many spikes in a row roll back instead of skipping
     max_rollbacks: int = 3  # one more rollback than this stops the run with TrainingDiverged
-    lr_spike_factor: float = 100.0  # what an injected lr_spike multiplies the rate by
+    lr_spike_factor: float = 1000.0  # what an injected lr_spike multiplies the rate by (a step that does damage)
     inject_fault: str = ""  # tests only: "kind@step[,kind@step...]", kind in nan|corrupt_batch|lr_spike|grad_spike
 
     def validate(self) -> None:
@@ -134,15 +137,17 @@ class SpikeGate:
         limit = level + torch.maximum(self.cfg.zscore * sigma.nan_to_num(0.0), self.min_jump * level.abs())
         return torch.where(self.count >= self.cfg.min_history, limit, math.inf)
 
-    def judge(self, slot: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
+    def judge(self, slot: int, loss: torch.Tensor, grad_norm: torch.Tensor | None, spikes: bool = True) -> torch.Tensor:
         """Judge one optimizer step from its mean loss and pre-clip grad norm (None: not measured); log the
-        verdict at `slot` and return found_inf: 1.0 to veto the update, 0.0 to apply it (device, no sync)."""
+        verdict at `slot` and return found_inf: 1.0 to veto the update, 0.0 to apply it (device, no sync).
+        spikes=False (the lr warmup, where a falling loss and a rising grad norm are normal) judges NaN/Inf
+        only; the values still join the history, so the gate is ready when warmup ends."""
         measured = self._measured[grad_norm is not None]
         norm = grad_norm if grad_norm is not None else self._zero
         values = torch.stack([loss.detach().float().reshape(()), norm.detach().float().reshape(())])  # (2,)
         limit = self.thresholds()
         nonfinite_each = ~torch.isfinite(values) & measured
-        spike_each = (values > limit) & measured & bool(self.cfg.enabled)
+        spike_each = (values > limit) & measured & (self.cfg.enabled and spikes)
         nonfinite, spike = nonfinite_each.any(), spike_each.any()
         vetoed = nonfinite | spike
         consecutive = torch.where(vetoed, self.consecutive + 1, 0)
@@ -183,10 +188,10 @@ class SpikeGate:
         self.count.zero_()
         self.consecutive.zero_()
 
-    def check(self, loss: float, grad_norm: float | None) -> Verdict:
+    def check(self, loss: float, grad_norm: float | None, spikes: bool = True) -> Verdict:
         """Judge one step from host values and read the verdict back (tests and tools; the loop uses judge)."""
         norm = None if grad_norm is None else torch.tensor(float(grad_norm), device=self.device)
-        self.judge(0, torch.tensor(float(loss), device=self.device), norm)
+        self.judge(0, torch.tensor(float(loss), device=self.device), norm, spikes)
         return self.read([0])[0]
 
     def state_dict(self) -> dict:

@@ -65,7 +65,7 @@ def by_kind(events, kind):
 
 @pytest.fixture(scope="module")
 def faulty_run(shards, tmp_path_factory):
-    """One run with three faults: a corrupted batch (step 26), a NaN (step 15), a 100x lr step (step 34)."""
+    """One run with three faults: a corrupted batch (step 26), a NaN (step 15), a 1000x lr step (step 34)."""
     ckpt = tmp_path_factory.mktemp("faulty") / "ckpt"
     cfg = config(max_steps=50, stability=dict(inject_fault="nan@14,corrupt_batch@25,lr_spike@33"))
     result = run_train(cfg, shards, ckpt)
@@ -75,7 +75,7 @@ def faulty_run(shards, tmp_path_factory):
 @pytest.mark.slow
 def test_corrupted_batch_is_a_spike_whose_update_is_skipped(faulty_run):
     result, events, history = faulty_run
-    spike = [e for e in by_kind(events, "spike") if e["metric"] == "loss"]
+    spike = [e for e in by_kind(events, "spike") if e["metric"] == "loss" and e["step"] < 34]  # before the lr spike
     assert len(spike) == 1 and spike[0]["step"] == 26 and spike[0]["action"] == "skip_update"
     assert spike[0]["value"] > spike[0]["threshold"] > 0
     # the documents its 8 windows of 33 tokens were cut from (42-token documents: 1 or 2 per window; the

@@ -162,3 +162,19 @@ def test_event_log_appends_json_lines(tmp_path):
         (3, "spike", "skip_update"), (4, "nonfinite", "rollback"), (9, "rollback", "resume")]
     assert rows[0]["value"] == 7.5 and rows[1]["value"] == "nan" and rows[1]["threshold"] == "inf"
     assert read_events(tmp_path / "missing.jsonl") == []
+
+
+def test_warmup_judges_nan_only_and_fills_the_history():
+    gate = SpikeGate(StabilityConfig(min_history=5, window=10))
+    feed(gate, [2.0] * 6)
+    assert gate.check(20.0, 1.0, spikes=False).reason == "ok"  # a jump during warmup is not judged...
+    assert history(gate)[-1] == 20.0  # ...and joins the history like any accepted step
+    assert gate.check(float("nan"), 1.0, spikes=False).reason == "nonfinite"  # NaN is vetoed all the same
+
+
+def test_a_healthy_grad_norm_swing_is_no_spike_but_a_blow_up_is():
+    gate = SpikeGate(StabilityConfig(min_history=10, window=20))
+    rng = np.random.default_rng(2)
+    feed(gate, [2.0] * 20, list(0.47 + rng.normal(0, 0.03, 20)))
+    assert gate.check(2.0, 1.09).reason == "ok"  # 2.3x the recent level: seen in healthy runs
+    assert gate.check(2.0, 47.0).reason == "spike"
