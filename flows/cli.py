@@ -147,9 +147,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         results = run_pipeline(cfg, only=args.only, start=args.start, force=args.force)
     else:
+        from flows.crashed_runs import mark_crashed_runs
         from flows.pipeline import pipeline_flow
 
         _no_tracebacks_for_interrupts()
+        mark_crashed_runs(ws)
 
         results = pipeline_flow(config=cfg.to_dict(), only=args.only, start=args.start, force=args.force)
     print_summary(cfg, ws, results, time.perf_counter() - started)
@@ -197,7 +199,13 @@ def _cmd_continue(args: argparse.Namespace) -> int:
             return 0
         results = outcome["results"]
     print_summary(cfg, ws, results, time.perf_counter() - started)
-    gate = results["register"].metrics["gate"]
+    evaluate, register = results["evaluate"].metrics, results["register"].metrics
+    gate = register["gate"]
+    started_from = gate.get("champion_version") or "?"
+    print(f"\ncontinued {cfg.register.model_name} v{started_from} on {results['ingest'].metrics.get('partitions_read', 0)} "
+          f"new file(s) from {args.inbox}: val_bpb {evaluate.get('val_bpb', float('nan')):.4f} vs the champion's "
+          f"{evaluate.get('init_val_bpb', float('nan')):.4f} on the same windows; new documents only: val_bpb "
+          f"{evaluate.get('val_bpb.inbox', float('nan')):.4f}; registered v{register['version']}")
     print(f"gate: {gate['decision']} ({gate['reason']})")
     return 0
 

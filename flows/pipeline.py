@@ -16,6 +16,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows.crashed_runs import record_running
 from flows.ingest_fanout import fan_out_ingest
 from flows.links import link_stages_to_mlflow, prefect_flow_run_url, stage_markdown
 from pipelines.config import PipelineConfig, from_dict, load_config
@@ -68,8 +69,13 @@ def pipeline_flow(config: dict | None = None, only: str | None = None, start: st
         if flow_run.id else {}
     tags.update(extra_tags or {})  # e.g. the version a continued run started from
     task_runs: dict = {}
-    results = run_pipeline(cfg, only=only, start=start, force=force, tags=tags,
-                           call=lambda *args: run_as_task(*args, task_runs=task_runs))
+    note = record_running(Workspace(cfg.workspace), str(flow_run.id)) if flow_run.id else None
+    try:
+        results = run_pipeline(cfg, only=only, start=start, force=force, tags=tags,
+                               call=lambda *args: run_as_task(*args, task_runs=task_runs))
+    finally:
+        if note is not None:
+            note.unlink(missing_ok=True)  # ended (also by an exception Prefect records): not a crash
     if "register" in results and flow_run.id:
         link_stages_to_mlflow(results, task_runs, flow_run.id, markdown=_stage_artifact)
     return results

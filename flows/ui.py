@@ -138,8 +138,8 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
 
 def main(args: argparse.Namespace) -> int:
     ws = Workspace(args.workspace)
-    if not ws.root.is_dir():
-        raise FileNotFoundError(f"no workspace at {ws.root}; run `lmforge run` first or pass --workspace")
+    ws.check()  # a file, or a damaged catalog, is an error; a workspace that does not exist yet is created
+    ws.root.mkdir(parents=True, exist_ok=True)  # so the UIs can be watched while a first run fills it
     group = servers(ws, args.prefect_port, args.mlflow_port, args.tensorboard_port)
     check_ports_free(group)
     ws.mlflow_dir.mkdir(parents=True, exist_ok=True)

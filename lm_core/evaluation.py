@@ -7,12 +7,13 @@ for it, and the sums stay on the device until the end.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
 import torch
 
-from lm_core.shards import sequential_windows
+from lm_core.shards import evaluation_windows
 
 
 @torch.no_grad()
@@ -25,13 +26,15 @@ def bits_per_byte(
     batch_size: int = 8,
     precision: str = "fp32",
 ) -> dict[str, float]:
-    """Loss, perplexity and bits per byte over sequential validation windows.
+    """Loss, perplexity and bits per byte over the validation windows (lm_core.shards.evaluation_windows:
+    all of them, or a fixed-seed sample of `max_windows` spread over the split).
 
     bpb = sum of nats over targets that stand for text / (ln 2 * their UTF-8 bytes); control
     targets (bos/eos) carry no bytes and are left out of bpb but kept in loss/perplexity. Without
-    `token_bytes` only the loss and perplexity are computed (bpb is NaN).
+    `token_bytes` only the loss and perplexity are computed (bpb is NaN). `windows_sha256` identifies the
+    exact token windows scored: two scores compare only when it is the same.
     """
-    windows = list(sequential_windows(val_shards, block_size, max_windows))
+    windows = evaluation_windows(val_shards, block_size, max_windows)
     if not windows:
         raise ValueError(f"validation split is shorter than one window of {block_size + 1} tokens; add data or lower model.block_size")
     was_training = model.training
@@ -61,7 +64,16 @@ def bits_per_byte(
         "bpb": nats_text / (math.log(2) * max(1.0, n_bytes)) if byte_table is not None else float("nan"),
         "tokens": n_targets,
         "bytes": n_bytes,
+        "windows": len(windows),
+        "windows_sha256": windows_digest(windows),
     }
+
+
+def windows_digest(windows: list[np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for window in windows:
+        digest.update(np.ascontiguousarray(window, dtype=np.int64).tobytes())
+    return digest.hexdigest()
 
 
 def validation_loss(model: torch.nn.Module, val_shards: list[np.ndarray], block_size: int, max_windows: int,

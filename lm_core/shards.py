@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -201,7 +201,7 @@ def read_index(shard_dir: Path, tokenizer_sha256: str | None = None) -> dict:
             if made_with != tokenizer_sha256:
                 raise ShardError(
                     f"shards in {shard_dir} were made with tokenizer {made_with[:12]} ({where}), but this run's "
-                    f"tokenizer is {tokenizer_sha256[:12]}: its ids would mean other pieces; re-run the shard stage "
+                    f"tokenizer is {tokenizer_sha256[:12]}: its ids would mean other pieces; rerun the shard stage "
                     "with this tokenizer, or use the tokenizer the shards were made with"
                 )
     return index
@@ -264,16 +264,37 @@ def open_documents(shard_dir: Path, split: str, tokenizer_sha256: str | None = N
     return ShardDocuments(tables)
 
 
-def sequential_windows(shards: list[np.ndarray], block_size: int, max_windows: int | None = None) -> Iterator[np.ndarray]:
+def evaluation_windows(shards: list[np.ndarray], block_size: int, max_windows: int | None = None,
+                       seed: int = 0) -> list[np.ndarray]:
     """Non-overlapping (block_size + 1)-token windows over the concatenated split, for evaluation.
 
-    Consecutive windows share one token (the last target of one is the first input of the next), so
-    every token after the first is predicted exactly once.
+    Consecutive windows share one token (the last target of one is the first input of the next), so every
+    token after the first is predicted exactly once. With `max_windows` below their number, a fixed-seed
+    sample spread over the whole split, in split order: documents at the end count as much as the first
+    ones (a continued run's new documents among them), and the same split always gives the same windows.
     """
     flat = np.concatenate(shards) if len(shards) > 1 else shards[0]
-    count = 0
-    for start in range(0, flat.size - block_size - 1 + 1, block_size):
-        if max_windows is not None and count >= max_windows:
-            return
-        yield flat[start : start + block_size + 1].astype(np.int64)
-        count += 1
+    starts = np.arange(0, max(0, flat.size - block_size), block_size)
+    if max_windows is not None and max_windows < len(starts):
+        starts = np.sort(np.random.default_rng(seed).choice(starts, size=max_windows, replace=False))
+    return [flat[start : start + block_size + 1].astype(np.int64) for start in starts.tolist()]
+
+
+def document_tokens(shards: list[np.ndarray], documents: ShardDocuments, doc_ids: set[str]) -> list[np.ndarray]:
+    """The tokens of the documents `doc_ids` (each from its bos to the next document's), one array per run of
+    consecutive such documents in a shard: a sub-split to score on its own."""
+    runs = []
+    for shard, (ids, starts) in zip(shards, documents.tables):
+        ends = np.append(starts[1:], shard.size)
+        keep = np.fromiter((str(d) in doc_ids for d in ids), dtype=bool, count=len(ids))
+        i = 0
+        while i < len(ids):
+            if not keep[i]:
+                i += 1
+                continue
+            j = i
+            while j + 1 < len(ids) and keep[j + 1]:
+                j += 1
+            runs.append(shard[starts[i] : ends[j]])
+            i = j + 1
+    return runs

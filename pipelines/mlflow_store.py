@@ -16,7 +16,8 @@ from pathlib import Path
 from pipelines.workspace import Workspace
 
 # the promotion gate's version tags, lmforge.gate.<name> (written by the register stage, read by `lmforge models`)
-GATE_TAGS = ("decision", "metric", "value", "higher_is_better", "champion_version", "champion_value", "reason")
+GATE_TAGS = ("decision", "metric", "value", "higher_is_better", "champion_version", "champion_value", "same_eval_data",
+             "champion_rescored", "reason")
 INIT_VERSION_TAG = "lmforge.init_from_version"  # set by a continued run: the version it started from
 RUN_ID_FILE = "mlflow_run_id"  # beside a pretrain key's checkpoints: a resumed run continues the same MLflow run
 

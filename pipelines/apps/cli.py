@@ -1,4 +1,4 @@
-"""The `lmforge` commands that need no Prefect: generate, serve, inspect, data, models, config. flows/cli.py
+"""The `lmforge` commands that need no Prefect: generate, eval, serve, inspect, data, models, config. flows/cli.py
 adds them to the one parser beside the flow commands; none of them imports prefect."""
 
 from __future__ import annotations
@@ -26,6 +26,16 @@ def add_commands(sub) -> None:
     gen.add_argument("--dtype", choices=("fp32", "bf16", "int8"), default="fp32",
                      help="weights for CPU inference: fp32, bf16, or int8 (weight-only, bf16 compute) (default: fp32)")
     gen.set_defaults(func=_cmd_generate)
+
+    ev = sub.add_parser("eval", help="score an existing model on text files and multiple-choice tasks (no pipeline run)")
+    ev.add_argument("--model", help="export directory or MLflow models:/ URI (default: the workspace's latest export)")
+    ev.add_argument("--workspace", default="workspace", help="workspace directory (default: ./workspace)")
+    ev.add_argument("--texts", nargs="+", default=[], metavar="FILE", help="UTF-8 text files: text.<stem>.{loss,bpb}")
+    ev.add_argument("--tasks", nargs="+", default=[], metavar="FILE",
+                    help="multiple-choice tasks, JSONL {context, choices, answer} or BIG-bench task.json: mc.<name>.*")
+    ev.add_argument("--max-examples", type=int, default=None, help="score at most this many examples per task")
+    ev.add_argument("--json", action="store_true", help="print the scores as JSON")
+    ev.set_defaults(func=_cmd_eval)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/models, /health)")
     srv.add_argument("--model", help="export directory or MLflow models:/ URI (default: the workspace's latest export)")
@@ -133,6 +143,33 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for chunk in stream_text(model, tok, [tok.encode(args.prompt, bos=True)], sampling, stop=args.stop):
         print(chunk.text, end="", flush=True)
     print()
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from lm_core.tokenizer import Tokenizer
+    from lm_core.typed_config import ConfigError
+    from lm_core.weights import TOKENIZER_FILE, load_model_dir
+    from pipelines.stages.evaluate import score_tasks, task_metrics, text_scores
+
+    if not args.texts and not args.tasks:
+        raise ConfigError("lmforge eval needs something to score: --texts FILE ... and/or --tasks FILE ...")
+    for path in [*args.texts, *args.tasks]:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path} does not exist; pass existing text files to --texts and task files to --tasks")
+    model_dir = resolve_model(args.model, Path(args.workspace))
+    model, _ = load_model_dir(model_dir)
+    tok = Tokenizer(model_dir / TOKENIZER_FILE)
+    scores = text_scores(model, tok, [Path(p) for p in args.texts], model.cfg.block_size)
+    scores.update(task_metrics(score_tasks(model, tok, {Path(p).stem: Path(p) for p in args.tasks}, args.max_examples)))
+    if args.json:
+        print(json.dumps({"model": str(model_dir), "scores": scores}, indent=2))
+    else:
+        print(f"model {model_dir}")
+        for name, value in scores.items():
+            print(f"  {name:<40} {value:.4f}" if isinstance(value, float) else f"  {name:<40} {value}")
     return 0
 
 

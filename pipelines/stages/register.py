@@ -8,10 +8,14 @@ tags and to registration.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
 import tempfile
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -25,10 +29,12 @@ from pipelines.mlflow_store import GATE_TAGS, INIT_VERSION_TAG
 from pipelines.stages import evaluate as evaluate_stage
 from pipelines.stages import export as export_stage
 from pipelines.stages import pretrain as pretrain_stage
+from pipelines.stages import tokenizer as tokenizer_stage
 from pipelines.stages.lineage import lineage
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
-STAGE, VERSION = "register", "2"
+STAGE, VERSION = "register", "3"  # 3: the gate compares champion and candidate on identical windows
+EVAL_WINDOWS_TAG = "lmforge.eval_windows_sha256"
 PIP_REQUIREMENTS = ["torch==2.13.0", "safetensors", "sentencepiece", "numpy"]
 
 
@@ -75,20 +81,23 @@ def run(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageResult], tag
                 # the pyfunc needs the lmforge weights only; the Hugging Face copy stays in the export
                 model_dir = Path(tmp) / "model_dir"
                 shutil.copytree(export.dir, model_dir, ignore=shutil.ignore_patterns(export_stage.HF_DIR))
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=LmforgeTextGenerator(),
-                    artifacts={"model_dir": str(model_dir)},
-                    pip_requirements=PIP_REQUIREMENTS,
-                    signature=signature(),
-                    registered_model_name=cfg.register.model_name,
-                )
+                with _quiet_mlflow():  # its pickling and signature notes are not for the console
+                    info = mlflow.pyfunc.log_model(
+                        name="model",
+                        python_model=LmforgeTextGenerator(),
+                        artifacts={"model_dir": str(model_dir)},
+                        pip_requirements=PIP_REQUIREMENTS,
+                        signature=signature(),
+                        registered_model_name=cfg.register.model_name,
+                    )
         version = str(info.registered_model_version)
         client.set_registered_model_alias(cfg.register.model_name, cfg.register.alias, version)
-        for tag, value in {**run_tags, "lmforge.mlflow_run_id": run.info.run_id}.items():
+        windows = str(evaluate.metrics.get("val_windows_sha256", ""))
+        for tag, value in {**run_tags, "lmforge.mlflow_run_id": run.info.run_id, EVAL_WINDOWS_TAG: windows}.items():
             client.set_model_version_tag(cfg.register.model_name, version, tag, value)
-        decision = promotion_gate(client, cfg, version, gate_value, run_tags.get("lmforge.shard_manifest_key", ""),
-                                  started_from=(run_tags.get(INIT_VERSION_TAG), evaluate.metrics.get(f"init_{cfg.register.gate_metric}")))
+        started_from = (run_tags.get(INIT_VERSION_TAG), evaluate.metrics.get(f"init_{cfg.register.gate_metric}"))
+        decision = promotion_gate(client, cfg, version, gate_value, windows, started_from=started_from,
+                                  rescore=ChampionRescorer(ws, cfg, results))
         registration = {
             "experiment_id": experiment.experiment_id,
             "run_id": run.info.run_id,
@@ -109,32 +118,39 @@ def run(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageResult], tag
         return run_stage(ws, STAGE, key(cfg, results), build, force)
 
 
-def promotion_gate(client, cfg: PipelineConfig, version: str, value: float, eval_data_key: str = "",
-                   started_from: tuple[str | None, float | None] = (None, None)) -> dict:
-    """Give `version` the champion alias if its gate metric beats the current champion's.
+def promotion_gate(client, cfg: PipelineConfig, version: str, value: float, eval_windows: str = "",
+                   started_from: tuple[str | None, float | None] = (None, None),
+                   rescore: Callable[[str], float | None] | None = None) -> dict:
+    """Give `version` the champion alias if its gate metric beats the current champion's on the same data.
 
-    The champion's number is its own gate tag when it was gated on the same metric, else its run's
-    `eval.<metric>`. A champion without that number is never replaced automatically (say so, and let
-    a person decide with `lmforge models promote`). Ties keep the champion. `started_from` = (version the
-    candidate was initialised from, that model's metric on the candidate's validation data): when that
-    version is the champion (a continued run), the two are compared on the same data.
+    Like is compared with like: the champion's recorded number counts only when it was measured on the
+    identical validation windows (`eval_windows`, the evaluate stage's val_windows_sha256). Otherwise the
+    champion is scored again on the candidate's windows: by `started_from` (a continued run measured the
+    model it started from, when that is the champion) or by `rescore(version)`; when neither can (another
+    tokenizer or block size, a metric that is not a validation score), the candidate is not promoted and
+    the reason says so. A champion without a recorded number is never replaced automatically. Ties keep
+    the champion. The first version of a model is promoted.
     """
     reg, name = cfg.register, cfg.register.model_name
     metric, higher = reg.gate_metric, reg.gate_higher_is_better
     champion_version = client.get_registered_model(name).aliases.get(reg.champion_alias)
     champion_version = None if champion_version is None else str(champion_version)  # MLflow gives an int
     decision = {"metric": metric, "higher_is_better": higher, "value": value, "version": version,
-                "champion_version": champion_version, "champion_value": None, "same_eval_data": None}
+                "champion_version": champion_version, "champion_value": None, "same_eval_data": None,
+                "champion_rescored": False}
     if champion_version is None:
         promoted, reason = True, f"first version with a {metric}: no '{reg.champion_alias}' yet"
     else:
         champion = client.get_model_version(name, champion_version)
-        champion_value = recorded_value(client, champion, metric)
-        decision["same_eval_data"] = champion.tags.get("lmforge.shard_manifest_key") == eval_data_key
-        if started_from[0] == champion_version and started_from[1] is not None:
-            champion_value, decision["same_eval_data"] = float(started_from[1]), True  # re-measured on this data
-        decision["champion_value"] = champion_value
-        if champion_value is None:
+        champion_value, same, rescored = _champion_on_these_windows(client, champion, metric, eval_windows, started_from,
+                                                                    rescore)
+        decision.update(champion_value=champion_value, same_eval_data=same, champion_rescored=rescored)
+        if champion_value is None and not same:
+            promoted, reason = False, (f"champion v{champion_version} was scored on other validation windows and could "
+                                       f"not be scored on this run's (another tokenizer or block size, or {metric} is "
+                                       f"not a validation score); compare by hand and run `lmforge models promote "
+                                       f"{name} {version}`")
+        elif champion_value is None:
             promoted, reason = False, (f"champion v{champion_version} has no recorded {metric}; "
                                        f"compare by hand and run `lmforge models promote {name} {version}`")
         else:
@@ -142,7 +158,7 @@ def promotion_gate(client, cfg: PipelineConfig, version: str, value: float, eval
             sign = (">" if better else "<=") if higher else ("<" if better else ">=")
             promoted = bool(better)
             reason = (f"{metric} {value:.6g} {sign} champion v{champion_version}'s {champion_value:.6g}"
-                      f" ({'higher' if higher else 'lower'} is better)")
+                      f"{' (re-scored on these windows)' if rescored else ''} ({'higher' if higher else 'lower'} is better)")
     if promoted:
         client.set_registered_model_alias(name, reg.champion_alias, version)
     decision.update(promoted=promoted, decision="promoted" if promoted else "refused", reason=reason,
@@ -150,6 +166,48 @@ def promotion_gate(client, cfg: PipelineConfig, version: str, value: float, eval
     for tag in GATE_TAGS:
         client.set_model_version_tag(name, version, f"lmforge.gate.{tag}", str(decision[tag]))
     return decision
+
+
+def _champion_on_these_windows(client, champion, metric: str, eval_windows: str, started_from, rescore):
+    """(champion's number on the candidate's windows or None, whether it is on the same windows, re-scored)."""
+    if eval_windows and champion.tags.get(EVAL_WINDOWS_TAG) == eval_windows:
+        return recorded_value(client, champion, metric), True, False
+    if started_from[0] == str(champion.version) and started_from[1] is not None:
+        return float(started_from[1]), True, True  # a continued run measured it on these windows
+    score = rescore(str(champion.version)) if rescore is not None else None
+    return score, score is not None, score is not None
+
+
+class ChampionRescorer:
+    """Scores a registered version on this run's validation windows (the evaluate stage's own scoring), when
+    it uses this run's tokenizer and block size; None otherwise."""
+
+    METRICS = {"val_bpb": "bpb", "val_loss": "loss", "val_perplexity": "perplexity"}
+
+    def __init__(self, ws: Workspace, cfg: PipelineConfig, results: dict[str, StageResult]):
+        self.ws, self.cfg, self.results = ws, cfg, results
+
+    def __call__(self, version: str) -> float | None:
+        from lm_core.evaluation import bits_per_byte
+        from lm_core.shards import open_split
+        from lm_core.tokenizer import Tokenizer
+        from lm_core.weights import load_model_dir
+
+        cfg, name = self.cfg, self.cfg.register.model_name
+        if cfg.register.gate_metric not in self.METRICS or "shard" not in self.results:
+            return None
+        model_dir = mlflow_store.download_model(self.ws, f"models:/{name}/{version}",
+                                                self.ws.root / "registry" / f"{name}-v{version}")
+        model, _ = load_model_dir(model_dir)
+        tok = Tokenizer(tokenizer_stage.model_path(self.results["tokenizer"]))
+        if Tokenizer(model_dir / "tokenizer.model").sha256 != tok.sha256 or model.cfg.block_size != cfg.model.block_size:
+            return None
+        val = open_split(self.results["shard"].dir, "val", tok.sha256)
+        scores = bits_per_byte(model, val, tok.token_bytes(), block_size=cfg.model.block_size,
+                               max_windows=cfg.eval.max_windows, batch_size=cfg.eval.batch_size)
+        if scores["windows_sha256"] != self.results["evaluate"].metrics.get("val_windows_sha256"):
+            return None
+        return float(scores[self.METRICS[cfg.register.gate_metric]])
 
 
 def recorded_value(client, model_version, metric: str) -> float | None:
@@ -197,6 +255,19 @@ def _log_stage_runs(results: dict[str, StageResult], experiment_id: str) -> None
             if numbers:
                 mlflow.log_metrics(numbers)
             data_report.log_to_mlflow(result)  # dedup: accounting tables + plot; nothing for other stages
+
+
+@contextlib.contextmanager
+def _quiet_mlflow():
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _training_run_id(client, pretrain: StageResult) -> str | None:

@@ -225,3 +225,21 @@ def test_generate_rejects_bad_sampling_before_printing(cli_workspace):
     assert done.returncode == 2
     assert "max_new_tokens" in error_line(done)
     assert done.stdout == ""
+
+
+@pytest.mark.slow
+def test_eval_scores_an_existing_model_without_a_run(cli_workspace, tmp_path):
+    root, ws, _ = cli_workspace
+    text = tmp_path / "snippet.txt"
+    text.write_text("def add(a, b):\n    return a + b\n\nimport os\nprint(os.getcwd())\n" * 20)
+    task = tmp_path / "toy.jsonl"
+    task.write_text("".join(json.dumps({"context": f"import {m}", "choices": ["\\n", " zebra"], "answer": 0}) + "\n"
+                            for m in ("os", "sys", "re", "json")))
+    done = lmforge("eval", "--workspace", ws, "--texts", text, "--tasks", task, "--json", cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    scores = json.loads(done.stdout)["scores"]
+    assert 0 < scores["text.snippet.bpb"] < 8 and scores["mc.toy.n"] == 4 and 0 <= scores["mc.toy.acc"] <= 1
+    registered = lmforge("eval", "--workspace", ws, "--model", "models:/lmforge-tiny@champion", "--texts", text, cwd=root)
+    assert registered.returncode == 0 and "text.snippet.bpb" in registered.stdout, registered.stderr[-3000:]
+    nothing = lmforge("eval", "--workspace", ws, cwd=root)
+    assert nothing.returncode == 2 and "--texts FILE" in error_line(nothing)

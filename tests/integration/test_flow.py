@@ -114,3 +114,34 @@ def test_a_deleted_output_is_rebuilt_not_served_from_the_cache(flow_env, first_f
     _, task_runs = _flow_run_and_tasks(flow_run_id)
     states = {t.name: t.state.name for t in task_runs}
     assert states == {name: "Completed" if name == "evaluate" else "Cached" for name in STAGES}
+
+
+def test_a_killed_runs_flow_run_is_marked_crashed_on_the_next_start(prefect_harness, tmp_path):
+    """A flow run left RUNNING by a process that died (kill -9) is marked Crashed by the next start; a run whose
+    process lives is left alone."""
+    import subprocess
+    import sys
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from flows.crashed_runs import mark_crashed_runs, record_running
+
+    @flow(name="lmforge-crash-probe")
+    def probe() -> None:
+        pass
+
+    ws = Workspace(tmp_path / "ws")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with get_client(sync_client=True) as client:
+        runs = [client.create_flow_run(probe) for _ in range(2)]
+        for run in runs:
+            client.set_flow_run_state(run.id, Running(), force=True)
+    record_running(ws, str(runs[0].id)).write_text(f'{{"pid": {dead.stdout.strip()}, "host": "{os.uname().nodename}"}}')
+    record_running(ws, str(runs[1].id))  # this process: alive
+    assert mark_crashed_runs(ws) == [str(runs[0].id)]
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(runs[0].id).state.type.value == "CRASHED"
+        assert client.read_flow_run(runs[1].id).state.is_running()
+    assert mark_crashed_runs(ws) == []  # the note of the crashed run is gone; the live one stays

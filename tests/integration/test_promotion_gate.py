@@ -7,7 +7,7 @@ import pytest
 
 from lm_core.typed_config import ConfigError
 from pipelines.config import load_config
-from pipelines.stages.register import _gate_value_of, promotion_gate
+from pipelines.stages.register import EVAL_WINDOWS_TAG, _gate_value_of, promotion_gate
 from pipelines.workspace import StageResult
 
 pytestmark = pytest.mark.integration
@@ -32,13 +32,13 @@ def registry(store, request):
     name = f"{NAME}-{request.node.name[5:30]}".replace("_", "-")
     client.create_registered_model(name)
 
-    def add_version(metrics: dict[str, float], eval_data: str = "shards-1") -> str:
+    def add_version(metrics: dict[str, float], eval_data: str = "windows-1") -> str:
         run = client.create_run(experiment)
         for metric, value in metrics.items():
             client.log_metric(run.info.run_id, f"eval.{metric}", value)
         client.set_terminated(run.info.run_id)
         mv = client.create_model_version(name, source=run.info.artifact_uri, run_id=run.info.run_id,
-                                         tags={"lmforge.shard_manifest_key": eval_data})
+                                         tags={EVAL_WINDOWS_TAG: eval_data})
         return str(mv.version)
 
     return Registry(client, name, add_version)
@@ -48,9 +48,9 @@ class Registry:
     def __init__(self, client, name, add):
         self.client, self.name, self.add = client, name, add
 
-    def gate(self, version: str, value: float, *overrides: str, eval_data: str = "shards-1") -> dict:
+    def gate(self, version: str, value: float, *overrides: str, eval_data: str = "windows-1", rescore=None) -> dict:
         cfg = load_config("tiny", [f"register.model_name={self.name}", *overrides])
-        return promotion_gate(self.client, cfg, version, value, eval_data)
+        return promotion_gate(self.client, cfg, version, value, eval_data, rescore=rescore)
 
     def champion(self) -> str | None:
         value = self.client.get_registered_model(self.name).aliases.get("champion")
@@ -75,14 +75,36 @@ def test_gate_promotes_better_and_refuses_worse_or_equal(registry):
     assert better["champion_value"] == 2.0 and better["same_eval_data"] is True
 
     v4 = r.add({"val_bpb": 1.5})
-    tie = r.gate(v4, 1.5, eval_data="shards-2")
+    tie = r.gate(v4, 1.5)
     assert not tie["promoted"] and r.champion() == v3  # a tie keeps the champion
-    assert tie["same_eval_data"] is False  # recorded: the two numbers come from different validation data
 
     tags = r.client.get_model_version(r.name, v2).tags
     assert tags["lmforge.gate.decision"] == "refused"
     assert (float(tags["lmforge.gate.value"]), tags["lmforge.gate.champion_version"]) == (2.5, v1)
     assert float(tags["lmforge.gate.champion_value"]) == 2.0
+
+
+def test_numbers_from_other_windows_are_never_compared(registry):
+    """A lower val_bpb measured on other validation windows says nothing: the champion is re-scored on the
+    candidate's windows, and when it cannot be, the candidate is not promoted."""
+    r = registry
+    v1 = r.add({"val_bpb": 2.0})
+    r.gate(v1, 2.0)
+    v2 = r.add({"val_bpb": 1.0}, eval_data="windows-2")
+    refused = r.gate(v2, 1.0, eval_data="windows-2")  # much lower, but on other data, and no way to re-score
+    assert not refused["promoted"] and r.champion() == v1 and refused["same_eval_data"] is False
+    assert "scored on other validation windows" in refused["reason"]
+    asked = []
+
+    def rescore(version: str) -> float:
+        asked.append(version)
+        return 0.9  # the champion on windows-2: better than the candidate there
+
+    kept = r.gate(v2, 1.0, eval_data="windows-2", rescore=rescore)
+    assert asked == [v1] and not kept["promoted"] and kept["champion_value"] == 0.9 and kept["champion_rescored"] is True
+    assert kept["same_eval_data"] is True and "re-scored" in kept["reason"]
+    better = r.gate(v2, 1.0, eval_data="windows-2", rescore=lambda version: 1.2)
+    assert better["promoted"] and r.champion() == v2
 
 
 def test_higher_is_better_metric_read_from_the_champions_run(registry):

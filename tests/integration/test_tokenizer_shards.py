@@ -104,4 +104,4 @@ def test_stages_refuse_shards_of_another_tokenizer(results, cfg):
         pretrain.run(other_cfg, Workspace(cfg.workspace), results["shard"], other)
     message = str(err.value)
     assert results["tokenizer"].metrics["sha256"][:12] in message and other.metrics["sha256"][:12] in message
-    assert "re-run the shard stage with this tokenizer" in message
+    assert "rerun the shard stage with this tokenizer" in message

@@ -10,6 +10,7 @@ import torch
 
 from lm_core.evaluation import bits_per_byte
 from lm_core.model import GPT, GPTConfig
+from lm_core.shards import evaluation_windows
 
 V, T = 16, 8
 # ids 0..3 are control tokens (no bytes); text tokens stand for 1, 2 or 3 bytes
@@ -68,11 +69,11 @@ def test_matches_per_token_losses_of_a_trained_looking_model():
     with torch.no_grad():  # sharpen the predictions so per-token losses differ a lot
         model.wte.weight.mul_(40)
     shards = val_stream(n_docs=12, seed=3)
-    targets = targets_of(shards, max_windows=4)
-    flat = np.concatenate(shards).astype(np.int64)
+    windows = evaluation_windows(shards, T, max_windows=4)  # a fixed sample of 4 of the split's windows
+    targets = np.concatenate([w[1:] for w in windows])
     nats = []
-    for w in range(4):
-        window = torch.from_numpy(flat[w * T : w * T + T + 1])[None]
+    for w in windows:
+        window = torch.from_numpy(w)[None]
         _, losses = model(window[:, :-1], window[:, 1:], reduction="none")
         nats.append(losses[0])
     nats = torch.cat(nats).detach().double().numpy()

@@ -11,10 +11,11 @@ from lm_core.shards import (
     INDEX_FILE,
     ShardError,
     ShardWriter,
+    document_tokens,
+    evaluation_windows,
     open_documents,
     open_split,
     read_index,
-    sequential_windows,
     token_dtype,
     write_index,
 )
@@ -161,7 +162,7 @@ def test_token_count_mismatch_is_detected(shard_dir):
 def test_tokenizer_mismatch(shard_dir):
     with pytest.raises(ShardError) as err:
         open_split(shard_dir, "train", tokenizer_sha256="cd" * 32)
-    assert "re-run the shard stage" in str(err.value)
+    assert "rerun the shard stage" in str(err.value)
     assert SHA[:12] in str(err.value) and ("cd" * 6) in str(err.value)
 
 
@@ -188,10 +189,10 @@ def test_missing_index_and_missing_split(tmp_path, shard_dir):
         open_split(shard_dir, "test")
 
 
-def test_sequential_windows_cover_every_token_once():
+def test_evaluation_windows_cover_every_token_once():
     T = 4
     shards = [np.arange(0, 7, dtype=np.uint16), np.arange(7, 13, dtype=np.uint16)]  # 13 tokens = 3*T + 1
-    windows = list(sequential_windows(shards, T))
+    windows = evaluation_windows(shards, T)
     assert [w.tolist() for w in windows] == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9, 10, 11, 12]]
     assert all(w.dtype == np.int64 for w in windows)
     # consecutive windows share exactly one token, and every token after the first is a target once
@@ -199,11 +200,31 @@ def test_sequential_windows_cover_every_token_once():
     np.testing.assert_array_equal(targets, np.arange(1, 13))
 
 
-def test_sequential_windows_drop_the_partial_tail_and_respect_max_windows():
+def test_evaluation_windows_drop_the_partial_tail_and_respect_max_windows():
     flat = np.arange(12, dtype=np.uint16)  # 2 full windows of T=4 (needs 9 tokens), tail of 3 dropped
-    assert len(list(sequential_windows([flat], 4))) == 2
-    assert len(list(sequential_windows([flat], 4, max_windows=1))) == 1
-    assert list(sequential_windows([flat[:4]], 4)) == []  # shorter than one window
+    assert len(evaluation_windows([flat], 4)) == 2
+    assert len(evaluation_windows([flat], 4, max_windows=1)) == 1
+    assert evaluation_windows([flat[:4]], 4) == []  # shorter than one window
+
+
+def test_a_window_sample_spreads_over_the_whole_split_and_is_fixed():
+    flat = np.arange(4001, dtype=np.uint16)  # 1000 windows of T=4
+    sample = evaluation_windows([flat], 4, max_windows=50)
+    starts = [int(w[0]) for w in sample]
+    assert len(starts) == 50 and starts == sorted(starts) and len(set(starts)) == 50
+    assert starts[0] < 400 and starts[-1] > 3600  # not the first 50 windows: the tail counts too
+    assert [int(w[0]) for w in evaluation_windows([flat], 4, max_windows=50)] == starts  # the same every time
+
+
+def test_document_tokens_are_the_spans_of_the_named_documents():
+    from lm_core.shards import ShardDocuments
+
+    shards = [np.arange(10, dtype=np.uint16), np.arange(100, 106, dtype=np.uint16)]
+    docs = ShardDocuments([(np.array(["a", "b", "c"], dtype=object), np.array([0, 4, 7])),
+                           (np.array(["d", "e"], dtype=object), np.array([0, 3]))])
+    runs = document_tokens(shards, docs, {"b", "c", "e"})
+    assert [r.tolist() for r in runs] == [[4, 5, 6, 7, 8, 9], [103, 104, 105]]
+    assert document_tokens(shards, docs, set()) == []
 
 
 def test_document_tables_name_the_documents_of_any_token_span(tmp_path):
@@ -235,7 +256,7 @@ def test_document_table_checksum_and_absence(shard_dir, tmp_path):
     index = read_index(shard_dir)
     table = shard_dir / index["shards"][0]["docs_file"]
     table.write_bytes(table.read_bytes()[:-8])
-    with pytest.raises(ShardError, match="re-run the shard stage"):
+    with pytest.raises(ShardError, match="rerun the shard stage"):
         open_documents(shard_dir, "train")
     plain = tmp_path / "plain"  # shards written without document ids have no tables
     writer = ShardWriter(plain, "train", 100, 4096, BOS, EOS)
