@@ -27,6 +27,7 @@ class StepReport:
         self.tokens_per_step, self.flops_per_token, self.peak_tflops = tokens_per_step, flops_per_token, peak_tflops
         self.max_steps = max_steps
         self._window_start, self._window_steps = time.perf_counter(), 0
+        self._started = self._window_start
 
     def count_step(self) -> None:
         self._window_steps += 1
@@ -43,7 +44,9 @@ class StepReport:
         if self.rank == 0:
             self.tracker.log_metrics(metrics, step)
             if self.progress:
-                self.progress({"step": step, "max_steps": self.max_steps, **metrics})
+                elapsed = time.perf_counter() - self._started
+                eta = (self.max_steps - step) * metrics["train/step_s"]
+                self.progress({"step": step, "max_steps": self.max_steps, "elapsed_s": elapsed, "eta_s": eta, **metrics})
         self._window_start, self._window_steps = time.perf_counter(), 0
 
     def log_final(self, metrics: dict[str, float], step: int) -> None:

@@ -22,9 +22,21 @@ def quiet_environment(ws: Workspace) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+class StageFormatter(logging.Formatter):
+    """LOG_FORMAT, with the Prefect task or flow run a record comes from named (Prefect's own records carry it
+    as an attribute, not in the message: "Finished in state Completed()" would not say which stage)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        run = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        return line.replace(": ", f": [{run}] ", 1) if run else line
+
+
 def setup(ws: Workspace, log: bool = True) -> None:
     """quiet_environment, and INFO logging to the console (HTTP client chatter kept out)."""
     quiet_environment(ws)
     if log:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(StageFormatter(LOG_FORMAT))
         logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -146,6 +146,11 @@ def model_dir(result: StageResult) -> Path:
 
 
 def _log_progress(m: dict) -> None:
-    log.info("pretrain step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f%s", m["step"], m["max_steps"],
-             m["train/loss"], m["train/lr"], m["train/grad_norm"], m["train/tokens_per_s"],
-             f" val_loss {m['val/loss']:.4f}" if "val/loss" in m else "")
+    log.info("pretrain step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f%s elapsed %s eta %s", m["step"],
+             m["max_steps"], m["train/loss"], m["train/lr"], m["train/grad_norm"], m["train/tokens_per_s"],
+             f" val_loss {m['val/loss']:.4f}" if "val/loss" in m else "", _clock(m["elapsed_s"]), _clock(m["eta_s"]))
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"

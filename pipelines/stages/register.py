@@ -51,7 +51,8 @@ def run(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageResult], tag
     def build(out: Path) -> dict:
         import mlflow
 
-        from pipelines.stages.pyfunc_model import LmforgeTextGenerator, signature
+        with _quiet_mlflow():  # defining the pyfunc class draws MLflow's type-hint advice
+            from pipelines.stages.pyfunc_model import LmforgeTextGenerator, signature
 
         mlflow_store.configure(ws)
         client = mlflow_store.client(ws)
