@@ -1,14 +1,18 @@
 """`python -m bench` lists the benchmarks; `python -m bench NAME [options]` runs one.
 
-Each writes bench/results/NAME.json whose top-level `ratio` compares it with its baseline.
+Each writes bench/results/NAME.json whose top-level `ratio` compares it with its baseline, stamped with its
+provenance (bench/provenance.py: the commit, a digest of the sources it measures, the machine, the load).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
+
+from bench.provenance import stamp
 
 BENCHMARKS = {
     "pipeline": ("bench.pipeline", "stage timings of the whole flow; ratio = warm rerun / cold run"),
@@ -36,7 +40,9 @@ def main(argv: list[str]) -> int:
     if name not in BENCHMARKS:
         print(f"unknown benchmark '{name}'; choose one of: {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
+    load_before = os.getloadavg()
     result = importlib.import_module(BENCHMARKS[name][0]).run(rest)
+    result["provenance"] = stamp(name, load_before)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
