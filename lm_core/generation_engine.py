@@ -144,6 +144,11 @@ class GenerationEngine:
             self._cancelled.add(request_id)
             self._lock.notify()
 
+    @property
+    def active(self) -> int:
+        """Requests admitted or waiting (a live count; stats are updated once per step)."""
+        return len(self._running) + len(self._waiting)
+
     def has_work(self) -> bool:
         with self._lock:
             return bool(self._waiting or self._running or self._cancelled)
