@@ -28,8 +28,7 @@ from pipelines.stages import pretrain as pretrain_stage
 from pipelines.stages.lineage import lineage
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
-STAGE, VERSION = "register", "2"
-PIP_REQUIREMENTS = ["torch==2.13.0", "safetensors", "sentencepiece", "numpy"]
+STAGE, VERSION = "register", "3"  # 3: the pyfunc model is logged with its code (self-contained)
 
 
 def key(cfg: PipelineConfig, results: dict[str, StageResult], tags: dict[str, str] | None = None) -> str:
@@ -45,7 +44,7 @@ def run(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageResult], tag
     def build(out: Path) -> dict:
         import mlflow
 
-        from pipelines.stages.pyfunc_model import LmforgeTextGenerator, signature
+        from pipelines.stages import pyfunc_model
 
         mlflow_store.configure(ws)
         client = mlflow_store.client(ws)
@@ -75,14 +74,7 @@ def run(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageResult], tag
                 # the pyfunc needs the lmforge weights only; the Hugging Face copy stays in the export
                 model_dir = Path(tmp) / "model_dir"
                 shutil.copytree(export.dir, model_dir, ignore=shutil.ignore_patterns(export_stage.HF_DIR))
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=LmforgeTextGenerator(),
-                    artifacts={"model_dir": str(model_dir)},
-                    pip_requirements=PIP_REQUIREMENTS,
-                    signature=signature(),
-                    registered_model_name=cfg.register.model_name,
-                )
+                info = pyfunc_model.log_model(model_dir, registered_model_name=cfg.register.model_name)
         version = str(info.registered_model_version)
         client.set_registered_model_alias(cfg.register.model_name, cfg.register.alias, version)
         for tag, value in {**run_tags, "lmforge.mlflow_run_id": run.info.run_id}.items():
