@@ -39,6 +39,14 @@ def build_model_dir(root: Path, vocab_size: int = 2048, seed: int = 0, **model) 
     return save_model_dir(gpt, tok_path, root / "export")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _timed(fn) -> tuple[float, object]:
     started = time.perf_counter()
     out = fn()

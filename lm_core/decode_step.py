@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lm_core.model import GPT, CacheAccess, KVCache
-from lm_core.sampling import sample, with_logprobs
+from lm_core.sampling import sample, token_keys, with_logprobs
 
 SLOT, TOKEN, POSITION, SEED, COUNTER, TOP_K = range(6)  # columns of the ints pack
 TEMPERATURE, TOP_P = range(2)  # columns of the floats pack
@@ -44,6 +44,7 @@ class StepRunner:
         self.model, self.cache, self.static = model, cache, static
         self.device = cache.k.device
         self.compile_error: str | None = None
+        self.keys = token_keys(model.cfg.vocab_size, self.device)  # the sampler's per-token hash, made once
         self._decode = self._decode_step
         if compile:
             if not static or self.device.type != "cuda":
@@ -53,12 +54,13 @@ class StepRunner:
             torch._dynamo.mark_static_address(cache.v)
             self._decode = torch.compile(self._decode_step, mode="reduce-overhead", dynamic=False, fullgraph=True)
 
-    def _decode_step(self, ints: Tensor, floats: Tensor, window: int | None, filters: bool, logprobs: bool) -> Tensor:
-        slots = None if self.static else ints[:, SLOT]
+    def _decode_step(self, ints: Tensor, floats: Tensor, window: int | None, filters: bool, logprobs: bool,
+                     consecutive: slice | None) -> Tensor:
+        slots = None if self.static else consecutive or ints[:, SLOT]
         access = CacheAccess(self.cache, start=ints[:, POSITION], slots=slots, window=window)
         logits = self.model(ints[:, TOKEN:TOKEN + 1], cache=access)[0][:, -1]  # (B, V)
         ids = sample(logits, floats[:, TEMPERATURE], ints[:, TOP_K], floats[:, TOP_P], ints[:, SEED], ints[:, COUNTER],
-                     filters)
+                     filters, self.keys)
         return with_logprobs(logits, ids) if logprobs else ids
 
     def decode(self, ints: list[list[int]], floats: list[list[float]], *, filters: bool, logprobs: bool) -> list:
@@ -66,15 +68,19 @@ class StepRunner:
         Static: one row per slot, in slot order. Gathered: the rows given, each with its own slot."""
         # exactly the longest row's keys: in bf16 a wider masked window changes the kernel's rounding
         window = None if self.static else max(row[POSITION] for row in ints) + 1
+        consecutive = None  # rows in consecutive slots read the cache as a view instead of a gather
+        first = ints[0][SLOT]
+        if not self.static and all(row[SLOT] == first + b for b, row in enumerate(ints)):
+            consecutive = slice(first, first + len(ints))
         i, f = upload(ints, floats, self.device)
         try:
-            out = self._decode(i, f, window, filters, logprobs)
+            out = self._decode(i, f, window, filters, logprobs, consecutive)
         except Exception as exc:  # a compile that fails on this machine: say why once, then run eager
             if self._decode == self._decode_step:
                 raise
             self.compile_error = f"{type(exc).__name__}: {exc}"
             self._decode = self._decode_step
-            out = self._decode(i, f, window, filters, logprobs)
+            out = self._decode(i, f, window, filters, logprobs, consecutive)
         return out.tolist()  # the one host read of the step
 
     def prefill(self, inputs: list[list[int]], ints: list[list[int]], floats: list[list[float]], *, filters: bool,
@@ -100,5 +106,5 @@ class StepRunner:
         else:
             logits = self.model(x, cache=access, logits_at=last)[0][:, -1]  # (P, V)
             prompt = None
-        ids = sample(logits, f[:, TEMPERATURE], i[:, TOP_K], f[:, TOP_P], i[:, SEED], i[:, COUNTER], filters)
+        ids = sample(logits, f[:, TEMPERATURE], i[:, TOP_K], f[:, TOP_P], i[:, SEED], i[:, COUNTER], filters, self.keys)
         return (with_logprobs(logits, ids) if logprobs else ids).tolist(), prompt

@@ -216,6 +216,7 @@ class GenerationEngine:
                     for s in range(self.cache.slots)]
             floats = [by_slot[s].floats() if s in by_slot else [0.0, 1.0] for s in range(self.cache.slots)]
         else:
+            rows.sort(key=lambda r: r.slot)  # consecutive slots read the cache without a gather
             ints = [r.ints(r.slot, len(r.tokens) - 1) for r in rows]
             floats = [r.floats() for r in rows]
         outs = self.runner.decode(ints, floats, filters=any(r.request.sampling.filters for r in rows),

@@ -163,25 +163,31 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slots, self.max_len, self.scratch = slots, max_len, max_len
 
-    def write_and_read(self, layer: int, k: Tensor, v: Tensor, positions: Tensor, slots: Tensor | None,
+    def write_and_read(self, layer: int, k: Tensor, v: Tensor, positions: Tensor, slots: Tensor | slice | None,
                        window: int) -> tuple[Tensor, Tensor]:
         """Write k, v (B, K, T, D) at each row's positions (B, T) of its slot and return the keys and values
-        of positions [0, window) of those slots, (B, K, S, D). slots None: row b is slot b (a view, no gather)."""
-        rows = torch.arange(k.size(0), device=k.device) if slots is None else slots
+        of positions [0, window) of those slots, (B, K, S, D). slots: a (B,) tensor of slot ids (a gather),
+        or a slice of B consecutive slots (None: every slot), read as a view without a copy."""
+        rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
+        if isinstance(slots, Tensor):
+            rows = slots[:, None]
+            keys, values = self.k[layer], self.v[layer]  # (slots, K, M + 1, D)
+        else:
+            keys, values = self.k[layer][slots or slice(None)], self.v[layer][slots or slice(None)]  # (B, K, M + 1, D)
         # two index tensors around a slice: the indexed shape is (B, T, K, D)
-        self.k[layer][rows[:, None], :, positions] = k.transpose(1, 2)
-        self.v[layer][rows[:, None], :, positions] = v.transpose(1, 2)
-        keys, values = self.k[layer, :, :, :window], self.v[layer, :, :, :window]  # (slots, K, S, D) views
-        if slots is None:
-            return keys, values
-        return keys[slots], values[slots]  # gathers only the S columns asked for
+        keys[rows, :, positions] = k.transpose(1, 2)
+        values[rows, :, positions] = v.transpose(1, 2)
+        if isinstance(slots, Tensor):
+            return keys[:, :, :window][slots], values[:, :, :window][slots]  # gathers only the S columns asked for
+        return keys[:, :, :window], values[:, :, :window]
 
 
 @dataclass
 class CacheAccess:
-    """Where a forward's tokens sit in a KVCache: row b is slot slots[b] (None: slot b, every slot) and its
-    T new tokens take positions start[b] .. start[b] + T - 1. Keys [0, window) are attended (None: the
-    whole cache including the scratch column, the fixed shape a compiled decode step needs).
+    """Where a forward's tokens sit in a KVCache: row b is slot slots[b] (a tensor of slot ids; a slice of
+    consecutive slots; None: slot b, every slot) and its T new tokens take positions start[b] .. start[b] + T - 1.
+    Keys [0, window) are attended (None: the whole cache including the scratch column, the fixed shape a
+    compiled decode step needs).
 
     from_start: every row starts at position 0 and window is T (a prefill). The length mask is then exactly
     the causal mask, so attention takes SDPA's causal path: faster, and the same numbers as a forward
@@ -189,7 +195,7 @@ class CacheAccess:
 
     cache: KVCache
     start: Tensor  # (B,) long
-    slots: Tensor | None = None  # (B,) long
+    slots: Tensor | slice | None = None  # (B,) long, or a slice
     window: int | None = None
     from_start: bool = False
 

@@ -74,11 +74,16 @@ def _mix(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def gumbel_noise(seeds: Tensor, counters: Tensor, vocab_size: int) -> Tensor:
-    """(B, V) float32 Gumbel noise that depends only on each row's (seed, counter) and the token id."""
-    ids = _mix(torch.arange(vocab_size, device=seeds.device, dtype=torch.int64) + 0x3C6EF372)  # (V,)
+def token_keys(vocab_size: int, device=None) -> Tensor:
+    """(V,) the hash of each token id: the per-token half of the noise, the same every step (made once)."""
+    return _mix(torch.arange(vocab_size, device=device, dtype=torch.int64) + 0x3C6EF372)
+
+
+def gumbel_noise(seeds: Tensor, counters: Tensor, keys: Tensor) -> Tensor:
+    """(B, V) float32 Gumbel noise that depends only on each row's (seed, counter) and the token id;
+    keys: token_keys(V)."""
     row = _mix(_mix(seeds & _M32) ^ (counters & _M32))  # (B,)
-    bits = _mix(row[:, None] ^ ids[None, :]) >> 8  # (B, V), 24 bits
+    bits = _mix(row[:, None] ^ keys[None, :]) >> 8  # (B, V), 24 bits
     u = (bits.float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1), never 0 or 1
     return -torch.log(-torch.log(u))
 
@@ -100,14 +105,16 @@ def filter_logits(scaled: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
 
 
 def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor, counters: Tensor,
-           filters: bool) -> Tensor:
+           filters: bool, keys: Tensor | None = None) -> Tensor:
     """Next token ids (B,) from float32 logits (B, V). `filters` is the host's knowledge that some row uses
-    top-k/top-p (the sort is skipped otherwise); it is a Python bool, so no device value is read."""
+    top-k/top-p (the sort is skipped otherwise); it is a Python bool, so no device value is read.
+    keys: token_keys(V), made once by the caller (computed here when not given)."""
     greedy = torch.argmax(logits, dim=-1)  # (B,)
     scaled = logits / temperature.clamp(min=1e-6)[:, None]
     if filters:
         scaled = filter_logits(scaled, top_k, top_p)
-    drawn = torch.argmax(scaled + gumbel_noise(seeds, counters, logits.size(-1)), dim=-1)
+    keys = token_keys(logits.size(-1), logits.device) if keys is None else keys
+    drawn = torch.argmax(scaled + gumbel_noise(seeds, counters, keys), dim=-1)
     return torch.where(temperature > 0, drawn, greedy)
 
 

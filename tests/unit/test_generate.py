@@ -117,9 +117,9 @@ def test_sampling_respects_top_k_and_top_p_per_row():
 
 
 def test_sampling_noise_depends_on_seed_and_counter_only():
-    from lm_core.sampling import gumbel_noise
+    from lm_core.sampling import gumbel_noise, token_keys
 
-    a = gumbel_noise(torch.tensor([1, 2, 1]), torch.tensor([5, 5, 5]), 1000)
+    a = gumbel_noise(torch.tensor([1, 2, 1]), torch.tensor([5, 5, 5]), token_keys(1000))
     assert torch.equal(a[0], a[2]) and not torch.equal(a[0], a[1])
     u = torch.exp(-torch.exp(-a))  # back to the uniforms
     assert 0.45 < u.mean() < 0.55 and u.min() > 0 and u.max() < 1
