@@ -54,18 +54,20 @@ class StepRunner:
             torch._dynamo.mark_static_address(cache.v)
             self._decode = torch.compile(self._decode_step, mode="reduce-overhead", dynamic=False, fullgraph=True)
 
-    def _decode_step(self, ints: Tensor, floats: Tensor, window: int | None, filters: bool, logprobs: bool,
-                     consecutive: slice | None) -> Tensor:
+    def _decode_step(self, ints: Tensor, floats: Tensor, window: int | None, filters: bool, greedy: bool,
+                     logprobs: bool, consecutive: slice | None) -> Tensor:
         slots = None if self.static else consecutive or ints[:, SLOT]
         access = CacheAccess(self.cache, start=ints[:, POSITION], slots=slots, window=window)
         logits = self.model(ints[:, TOKEN:TOKEN + 1], cache=access)[0][:, -1]  # (B, V)
         ids = sample(logits, floats[:, TEMPERATURE], ints[:, TOP_K], floats[:, TOP_P], ints[:, SEED], ints[:, COUNTER],
-                     filters, self.keys)
+                     filters, self.keys, greedy)
         return with_logprobs(logits, ids) if logprobs else ids
 
-    def decode(self, ints: list[list[int]], floats: list[list[float]], *, filters: bool, logprobs: bool) -> list:
+    def decode(self, ints: list[list[int]], floats: list[list[float]], *, filters: bool, logprobs: bool,
+               greedy: bool = False) -> list:
         """One token for each row: ids (B,), or with `logprobs` rows of sampling.with_logprobs, as host lists.
-        Static: one row per slot, in slot order. Gathered: the rows given, each with its own slot."""
+        Static: one row per slot, in slot order. Gathered: the rows given, each with its own slot.
+        filters / greedy: some row uses top-k or top-p / no row samples (see sampling.sample)."""
         # exactly the longest row's keys: in bf16 a wider masked window changes the kernel's rounding
         window = None if self.static else max(row[POSITION] for row in ints) + 1
         consecutive = None  # rows in consecutive slots read the cache as a view instead of a gather
@@ -74,17 +76,17 @@ class StepRunner:
             consecutive = slice(first, first + len(ints))
         i, f = upload(ints, floats, self.device)
         try:
-            out = self._decode(i, f, window, filters, logprobs, consecutive)
+            out = self._decode(i, f, window, filters, greedy, logprobs, consecutive)
         except Exception as exc:  # a compile that fails on this machine: say why once, then run eager
             if self._decode == self._decode_step:
                 raise
             self.compile_error = f"{type(exc).__name__}: {exc}"
             self._decode = self._decode_step
-            out = self._decode(i, f, window, filters, logprobs, consecutive)
+            out = self._decode(i, f, window, filters, greedy, logprobs, consecutive)
         return out.tolist()  # the one host read of the step
 
     def prefill(self, inputs: list[list[int]], ints: list[list[int]], floats: list[list[float]], *, filters: bool,
-                logprobs: bool, prompt_logprobs: bool = False) -> tuple[list, list | None]:
+                logprobs: bool, greedy: bool = False, prompt_logprobs: bool = False) -> tuple[list, list | None]:
         """Write each row's tokens at positions 0.. of its slot and choose the next token after the last one.
 
         Rows are right-padded to one (P, T) batch: causal attention never lets a real token see the padding
@@ -106,5 +108,6 @@ class StepRunner:
         else:
             logits = self.model(x, cache=access, logits_at=last)[0][:, -1]  # (P, V)
             prompt = None
-        ids = sample(logits, f[:, TEMPERATURE], i[:, TOP_K], f[:, TOP_P], i[:, SEED], i[:, COUNTER], filters, self.keys)
+        ids = sample(logits, f[:, TEMPERATURE], i[:, TOP_K], f[:, TOP_P], i[:, SEED], i[:, COUNTER], filters, self.keys,
+                     greedy)
         return (with_logprobs(logits, ids) if logprobs else ids).tolist(), prompt

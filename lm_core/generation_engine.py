@@ -220,7 +220,7 @@ class GenerationEngine:
             ints = [r.ints(r.slot, len(r.tokens) - 1) for r in rows]
             floats = [r.floats() for r in rows]
         outs = self.runner.decode(ints, floats, filters=any(r.request.sampling.filters for r in rows),
-                                  logprobs=any(r.request.logprobs for r in rows))
+                                  logprobs=any(r.request.logprobs for r in rows), greedy=all(f[0] == 0 for f in floats))
         return [outs[r.slot] for r in rows] if self.static else outs
 
     def _prefill(self, rows: list[Row]) -> tuple[list, list | None]:
@@ -228,6 +228,7 @@ class GenerationEngine:
         return self.runner.prefill(inputs, [r.ints(r.slot, 0) for r in rows], [r.floats() for r in rows],
                                    filters=any(r.request.sampling.filters for r in rows),
                                    logprobs=any(r.request.logprobs for r in rows),
+                                   greedy=all(r.request.sampling.temperature == 0 for r in rows),
                                    prompt_logprobs=len(rows) == 1 and rows[0].wants_prompt_logprobs)
 
     def _accept(self, row: Row, out, prompt: list | None = None) -> None:

@@ -105,11 +105,14 @@ def filter_logits(scaled: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
 
 
 def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor, counters: Tensor,
-           filters: bool, keys: Tensor | None = None) -> Tensor:
-    """Next token ids (B,) from float32 logits (B, V). `filters` is the host's knowledge that some row uses
-    top-k/top-p (the sort is skipped otherwise); it is a Python bool, so no device value is read.
-    keys: token_keys(V), made once by the caller (computed here when not given)."""
+           filters: bool, keys: Tensor | None = None, greedy_only: bool = False) -> Tensor:
+    """Next token ids (B,) from float32 logits (B, V). `filters` and `greedy_only` are the host's knowledge that
+    some row uses top-k/top-p (the sort is skipped otherwise) and that no row samples (only the argmax is
+    taken); they are Python bools, so no device value is read. keys: token_keys(V), made once by the caller
+    (computed here when not given)."""
     greedy = torch.argmax(logits, dim=-1)  # (B,)
+    if greedy_only:
+        return greedy
     scaled = logits / temperature.clamp(min=1e-6)[:, None]
     if filters:
         scaled = filter_logits(scaled, top_k, top_p)
