@@ -55,9 +55,9 @@ class StepRunner:
             self._decode = torch.compile(self._decode_step, mode="reduce-overhead", dynamic=False, fullgraph=True)
 
     def _decode_step(self, ints: Tensor, floats: Tensor, window: int | None, filters: bool, greedy: bool,
-                     logprobs: bool, consecutive: slice | None) -> Tensor:
+                     logprobs: bool, consecutive: slice | None, common_start: int | None = None) -> Tensor:
         slots = None if self.static else consecutive or ints[:, SLOT]
-        access = CacheAccess(self.cache, start=ints[:, POSITION], slots=slots, window=window)
+        access = CacheAccess(self.cache, start=ints[:, POSITION], slots=slots, window=window, common_start=common_start)
         logits = self.model(ints[:, TOKEN:TOKEN + 1], cache=access)[0][:, -1]  # (B, V)
         ids = sample(logits, floats[:, TEMPERATURE], ints[:, TOP_K], floats[:, TOP_P], ints[:, SEED], ints[:, COUNTER],
                      filters, self.keys, greedy)
@@ -74,15 +74,17 @@ class StepRunner:
         first = ints[0][SLOT]
         if not self.static and all(row[SLOT] == first + b for b, row in enumerate(ints)):
             consecutive = slice(first, first + len(ints))
+        # rows of equal length (always so for one row) share their positions: no per-row mask or scatter
+        common_start = window - 1 if not self.static and all(row[POSITION] == window - 1 for row in ints) else None
         i, f = upload(ints, floats, self.device)
         try:
-            out = self._decode(i, f, window, filters, greedy, logprobs, consecutive)
+            out = self._decode(i, f, window, filters, greedy, logprobs, consecutive, common_start)
         except Exception as exc:  # a compile that fails on this machine: say why once, then run eager
             if self._decode == self._decode_step:
                 raise
             self.compile_error = f"{type(exc).__name__}: {exc}"
             self._decode = self._decode_step
-            out = self._decode(i, f, window, filters, greedy, logprobs, consecutive)
+            out = self._decode(i, f, window, filters, greedy, logprobs, consecutive, common_start)
         return out.tolist()  # the one host read of the step
 
     def prefill(self, inputs: list[list[int]], ints: list[list[int]], floats: list[list[float]], *, filters: bool,
@@ -98,7 +100,7 @@ class StepRunner:
         x = torch.tensor([r + [0] * (T - len(r)) for r in inputs], dtype=torch.int64)  # (P, T)
         i, f = upload(ints, floats, self.device)
         x, last = x.to(self.device), torch.tensor(lengths, device=self.device) - 1  # (P, T), (P,)
-        access = CacheAccess(self.cache, start=torch.zeros_like(last), slots=i[:, SLOT], window=T, from_start=True)
+        access = CacheAccess(self.cache, start=torch.zeros_like(last), slots=i[:, SLOT], window=T, common_start=0)
         if prompt_logprobs:
             if len(inputs) != 1:
                 raise ValueError("prompt logprobs are computed for one prefill row at a time")

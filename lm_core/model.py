@@ -164,19 +164,27 @@ class KVCache:
         self.slots, self.max_len, self.scratch = slots, max_len, max_len
 
     def write_and_read(self, layer: int, k: Tensor, v: Tensor, positions: Tensor, slots: Tensor | slice | None,
-                       window: int) -> tuple[Tensor, Tensor]:
+                       window: int, common_start: int | None = None) -> tuple[Tensor, Tensor]:
         """Write k, v (B, K, T, D) at each row's positions (B, T) of its slot and return the keys and values
         of positions [0, window) of those slots, (B, K, S, D). slots: a (B,) tensor of slot ids (a gather),
-        or a slice of B consecutive slots (None: every slot), read as a view without a copy."""
-        rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
+        or a slice of B consecutive slots (None: every slot), read as a view without a copy. common_start:
+        every row starts there (known on the host), so the write is a plain slice copy."""
         if isinstance(slots, Tensor):
-            rows = slots[:, None]
             keys, values = self.k[layer], self.v[layer]  # (slots, K, M + 1, D)
+            rows = slots
         else:
             keys, values = self.k[layer][slots or slice(None)], self.v[layer][slots or slice(None)]  # (B, K, M + 1, D)
-        # two index tensors around a slice: the indexed shape is (B, T, K, D)
-        keys[rows, :, positions] = k.transpose(1, 2)
-        values[rows, :, positions] = v.transpose(1, 2)
+            rows = slice(None)
+        if common_start is not None:
+            end = common_start + k.size(2)
+            keys[rows, :, common_start:end] = k
+            values[rows, :, common_start:end] = v
+        else:
+            if not isinstance(slots, Tensor):
+                rows = torch.arange(k.size(0), device=k.device)
+            # two index tensors around a slice: the indexed shape is (B, T, K, D)
+            keys[rows[:, None], :, positions] = k.transpose(1, 2)
+            values[rows[:, None], :, positions] = v.transpose(1, 2)
         if isinstance(slots, Tensor):
             return keys[:, :, :window][slots], values[:, :, :window][slots]  # gathers only the S columns asked for
         return keys[:, :, :window], values[:, :, :window]
@@ -189,15 +197,17 @@ class CacheAccess:
     Keys [0, window) are attended (None: the whole cache including the scratch column, the fixed shape a
     compiled decode step needs).
 
-    from_start: every row starts at position 0 and window is T (a prefill). The length mask is then exactly
-    the causal mask, so attention takes SDPA's causal path: faster, and the same numbers as a forward
-    without a cache (which the recompute baseline relies on in bf16)."""
+    common_start: every row's new tokens start at this position, and the host knows it (a prefill starts at 0;
+    a decode step of rows of equal length). Positions are then shared by the batch, the cache write is a
+    slice copy, and when the queries are the window's last T positions (a prefill, or one token per row) the
+    mask is SDPA's own causal mask or none at all: faster, and the same numbers as a forward without a
+    cache (which the recompute baseline relies on in bf16)."""
 
     cache: KVCache
     start: Tensor  # (B,) long
     slots: Tensor | slice | None = None  # (B,) long, or a slice
     window: int | None = None
-    from_start: bool = False
+    common_start: int | None = None
 
 
 def rope_tables(cfg: GPTConfig, device=None) -> tuple[Tensor, Tensor]:
@@ -238,9 +248,9 @@ class Attention(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: CacheAccess | None = None,
-                mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
-        """mask: (B, 1, T, S) bool or None for plain causal attention; positions (B, T): the cache positions
-        of the new tokens (with a cache only)."""
+                mask: Tensor | bool | None = None, positions: Tensor | None = None) -> Tensor:
+        """mask: (B, 1, T, S) bool; None for plain causal attention; False for none (every key visible).
+        positions (B, T) or (T,): the cache positions of the new tokens (with a cache only)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, D)
@@ -251,9 +261,12 @@ class Attention(nn.Module):
         gqa = self.n_kv_head != self.n_head
         if cache is not None:
             window = cache.window or cache.cache.k.size(3)
-            k, v = cache.cache.write_and_read(self.layer, k, v, positions, cache.slots, window)  # (B, K, S, D)
-        if mask is None:  # no cache, one document per row: the plain causal mask is right (and fastest)
+            k, v = cache.cache.write_and_read(self.layer, k, v, positions, cache.slots, window,
+                                              cache.common_start)  # (B, K, S, D)
+        if mask is None:  # queries and keys cover the same positions: the plain causal mask is right (and fastest)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif mask is False:
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
@@ -293,7 +306,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: CacheAccess | None = None,
-                mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+                mask: Tensor | bool | None = None, positions: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask, positions)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -353,6 +366,24 @@ class GPT(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
+    @staticmethod
+    def _cache_positions(cache: CacheAccess, T: int, device) -> tuple[Tensor, Tensor | bool | None]:
+        """The new tokens' positions, (B, T) or (T,) when the batch shares them, and the attention mask."""
+        S = cache.window or cache.cache.k.size(3)
+        start = cache.common_start
+        if start is not None and start + T == S and (start == 0 or T == 1):
+            # the queries are the window's last positions: causal (a prefill) or every key visible (one token)
+            return torch.arange(start, start + T, device=device), (None if T > 1 else False)
+        if start is not None:
+            positions = torch.arange(start, start + T, device=device)[None, :]  # (1, T)
+        else:
+            positions = cache.start[:, None] + torch.arange(T, device=device)  # (B, T)
+        keys = torch.arange(S, device=device)  # (S,)
+        # a query sees its slot's keys up to its own position: older sequences' leftovers and the scratch
+        # column lie past it. Every row sees key 0 at least, so no softmax row is all -inf.
+        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B|1, 1, T, S)
+        return (positions[0] if start is not None else positions), mask
+
     def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: CacheAccess | None = None,
                 logits_at: Tensor | None = None, reduction: str = "mean",
                 segments: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -374,12 +405,7 @@ class GPT(nn.Module):
         if cache is not None:
             if segments is not None:
                 raise ValueError("segments (document-boundary attention) is for training windows, not a KV cache")
-            positions = cache.start[:, None] + positions  # (B, T)
-            if not cache.from_start:
-                keys = torch.arange(cache.window or cache.cache.k.size(3), device=idx.device)  # (S,)
-                # a query sees its slot's keys up to its own position: older sequences' leftovers and the
-                # scratch column lie past it. Every row sees key 0 at least, so no softmax row is all -inf.
-                mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+            positions, mask = self._cache_positions(cache, T, idx.device)
         if segments is not None:
             causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
             same_doc = segments[:, :, None] == segments[:, None, :]  # (B, T, T); the diagonal keeps rows finite

@@ -185,7 +185,7 @@ def test_rows_of_different_lengths_in_one_cache_compute_what_they_would_alone():
         T = max(map(len, prompts))
         x = torch.tensor([p + [0] * (T - len(p)) for p in prompts])  # (3, T), right-padded
         zero = torch.zeros(3, dtype=torch.long)
-        batched, _ = model(x, cache=CacheAccess(cache, zero, slots, T, from_start=True))
+        batched, _ = model(x, cache=CacheAccess(cache, zero, slots, T, common_start=0))
         lengths = torch.tensor([len(p) for p in prompts])
         step, _ = model(torch.tensor([[21], [22], [23]]), cache=CacheAccess(cache, lengths, slots, T + 1))
         for b, p in enumerate(prompts):

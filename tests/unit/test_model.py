@@ -162,17 +162,21 @@ def _at(cache: KVCache, start: int, rows: int = 2, **kw) -> CacheAccess:
 
 
 @pytest.mark.parametrize("name", ["default", "gqa", "mqa_learned", "gpt2"])
-def test_kv_cache_chunks_match_full_forward(name):
+@pytest.mark.parametrize("common", [False, True])
+def test_kv_cache_chunks_match_full_forward(name, common):
+    """common: the host passes the rows' shared start (slice writes, no per-row mask) instead of only tensors."""
     model = build(**VARIANTS[name])
     cfg = model.cfg
     idx = torch.randint(0, 64, (2, 12))
     full, _ = model(idx)
     cache = KVCache(cfg, slots=2, max_len=16)
     assert cache.k.shape == (2, 2, cfg.kv_heads, 17, cfg.head_dim)  # + the scratch column
-    parts = [model(idx[:, :5], cache=_at(cache, 0, window=5, from_start=True))[0]]  # prefill
-    for t in range(5, 9):  # decode one token at a time, attending to the whole cache (the static shape)
-        parts.append(model(idx[:, t:t + 1], cache=_at(cache, t))[0])
-    parts.append(model(idx[:, 9:], cache=_at(cache, 9, window=12))[0])  # a multi-token chunk at an offset
+    parts = [model(idx[:, :5], cache=_at(cache, 0, window=5, common_start=0))[0]]  # prefill
+    for t in range(5, 9):  # decode one token at a time: the whole cache (the static shape), or an exact window
+        at = _at(cache, t, window=t + 1, common_start=t) if common else _at(cache, t)
+        parts.append(model(idx[:, t:t + 1], cache=at)[0])
+    chunk = _at(cache, 9, window=12, common_start=9 if common else None)  # a multi-token chunk at an offset
+    parts.append(model(idx[:, 9:], cache=chunk)[0])
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
     # slots in another order see their own rows
     swapped, _ = model(idx.flip(0)[:, 9:], cache=_at(cache, 9, slots=torch.tensor([1, 0]), window=12))
@@ -184,7 +188,7 @@ def test_scratch_column_is_never_seen():
     cache = KVCache(model.cfg, slots=1, max_len=8)
     idx = torch.randint(0, 64, (1, 6))
     full, _ = model(idx)
-    model(idx[:, :5], cache=_at(cache, 0, rows=1, window=5, from_start=True))
+    model(idx[:, :5], cache=_at(cache, 0, rows=1, window=5, common_start=0))
     model(torch.tensor([[7]]), cache=_at(cache, cache.scratch, rows=1))  # a dummy row of a fixed-shape step
     step, _ = model(idx[:, 5:], cache=_at(cache, 5, rows=1))
     torch.testing.assert_close(step[:, 0], full[:, 5], atol=1e-5, rtol=0)
