@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lm_core.model import GPT, CacheAccess, KVCache
+from lm_core.kv_cache import CacheAccess, KVCache
+from lm_core.model import GPT
 from lm_core.sampling import sample, token_keys, with_logprobs
 
 SLOT, TOKEN, POSITION, SEED, COUNTER, TOP_K = range(6)  # columns of the ints pack

@@ -37,7 +37,8 @@ import torch
 
 from lm_core.decode_step import StepRunner
 from lm_core.generation_rows import Detokenizer, GenerationEvent, Row, TokenLogprob
-from lm_core.model import GPT, KVCache
+from lm_core.kv_cache import KVCache
+from lm_core.model import GPT
 from lm_core.sampling import SamplingConfig, seed_key, unpack_logprobs
 from lm_core.typed_config import ConfigError
 

@@ -109,6 +109,12 @@ def test_lm_eval_scoring_request(server, lm):
     greedy_next = expected[-1].argmax().item()
     assert lp["token_logprobs"][-1] == pytest.approx(expected[-1, greedy_next].item(), abs=1e-4)
     assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][:2] == [0, 0]  # BOS has no text
+    # max_tokens 0 with echo: the prompt's logprobs alone, and its own text back
+    only = httpx.post(f"{server}/v1/completions", json={"model": NAME, "prompt": "import os", "max_tokens": 0,
+                                                        "echo": True, "logprobs": 0}, timeout=60).json()
+    choice = only["choices"][0]
+    assert choice["text"] == "import os" and only["usage"]["completion_tokens"] == 0
+    assert len(choice["logprobs"]["tokens"]) == len(tok.encode("import os", bos=True))
 
 
 def test_completion_logprobs_plain_and_streamed(client):

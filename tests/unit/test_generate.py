@@ -162,7 +162,7 @@ def test_validate_names_the_key(overrides, match, trained):
 # --- batches of prompts of different lengths ---------------------------------------------------------
 
 from lm_core.generate import stream_text  # noqa: E402
-from lm_core.model import CacheAccess, KVCache  # noqa: E402
+from lm_core.kv_cache import CacheAccess, KVCache  # noqa: E402
 
 
 def _random_models() -> list[GPT]:

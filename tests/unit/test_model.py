@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from lm_core.model import GPT, CacheAccess, GPTConfig, KVCache, preset
+from lm_core.kv_cache import CacheAccess, KVCache
+from lm_core.model import GPT, GPTConfig, preset
 
 
 def tiny(**overrides) -> GPTConfig:
