@@ -18,8 +18,9 @@ BENCHMARKS = {
     "pipeline": ("bench.pipeline", "stage timings of the whole flow; ratio = warm rerun / cold run"),
     "train_step": ("bench.train_step", "pretrain tokens/s, ZeRO 0/1/2 x fp32/bf16; ratio = engine / plain PyTorch loop"),
     "zero_memory": ("bench.zero_memory", "per-rank peak memory, 2 and 4 ranks, ZeRO 0-3 on ~50M params; ratio = ZeRO-3 / ZeRO-0 (2 ranks)"),
-    "generate": ("bench.generate", "decode tokens/s; ratio = KV cache / recompute at 512 new tokens (+ batch, + HF)"),
-    "serve": ("bench.serve", "HTTP server req/s and p50/p95 latency; ratio = 8 concurrent clients / 1 client"),
+    "generate": ("bench.generate", "decode tokens/s; ratio = KV cache / recompute at 512 new tokens (+ batch, + HF); "
+                                   "--device cuda: vs transformers on a GPU"),
+    "serve": ("bench.serve", "HTTP tokens/s, p50/p95 latency at 1/4/8/16 clients; ratio = 8 clients / 1 client tokens/s"),
     "tokenize": ("bench.tokenize", "shard-stage encode MB/s; ratio = vs raw 1-thread SentencePiece encode"),
     "loader": ("bench.loader", "training loader samples/s; ratio = vs flat np.memmap random windows"),
     "quantize": ("bench.quantize", "fp32 vs bf16 vs int8 weights: memory, decode tokens/s, val bpb; ratio = int8 / fp32 bytes"),

@@ -1,11 +1,14 @@
-"""Decode speed of lm_core's generation loop: with the KV cache vs recomputing the whole sequence every
-step (the baseline; ratio = cached / recomputed tokens/s at the longest length), a left-padded batch
-vs the same prompts one by one, and, when transformers is installed, lmforge vs Hugging Face
-`generate` on the same weights exported as a Llama directory (greedy, same prompt, tokens compared).
+"""Decode speed of lm_core's generation engine on CPU: with the KV cache vs recomputing the whole window every
+step (the baseline; ratio = cached / recomputed tokens/s at the longest length), a batch of prompts vs the
+same prompts one by one, and, when transformers is installed, lmforge vs Hugging Face `generate` on the same
+weights exported as a Llama directory (greedy, same prompt, tokens compared).
 
 The model is built in-process: a SentencePiece tokenizer trained on stdlib source and a GPT with random
 (untied, so greedy does not just repeat a token) weights; speed does not depend on what it learned.
 One thread, variants alternated within each repeat, medians reported.
+
+`--device cuda` runs the GPU comparison instead (bench/generate_device.py: a 124M-shape model in bf16, the
+compiled fixed-shape decode step vs transformers, batch 1 and 32); `--device cpu --smoke` checks that path.
 """
 
 from __future__ import annotations
@@ -29,14 +32,24 @@ from lm_core.weights import TOKENIZER_FILE, save_model_dir
 MODEL = dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=256, block_size=1024)
 
 
-def build_model_dir(root: Path, vocab_size: int = 2048, seed: int = 0, **model) -> Path:
-    """An export directory (weights, tokenizer, config.json) of a random-weight GPT; see the module doc."""
+def build_model_dir(root: Path, vocab_size: int = 2048, seed: int = 0, model_vocab_size: int | None = None,
+                    **model) -> Path:
+    """An export directory (weights, tokenizer, config.json) of a random-weight GPT; see the module doc.
+    model_vocab_size: a model vocabulary larger than the tokenizer's (GPU-sized models)."""
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]
     lines = [line for f in files for line in f.read_text(errors="ignore").splitlines(keepends=True)]
     tok_path = train_tokenizer(TokenizerConfig(vocab_size=vocab_size, num_threads=1), iter(lines), root / "tokenizer.model")
     torch.manual_seed(seed)
-    gpt = GPT(GPTConfig(vocab_size=vocab_size, tie_embeddings=False, **{**MODEL, **model}))
+    gpt = GPT(GPTConfig(vocab_size=model_vocab_size or vocab_size, tie_embeddings=False, **{**MODEL, **model}))
     return save_model_dir(gpt, tok_path, root / "export")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _timed(fn) -> tuple[float, object]:
@@ -51,7 +64,15 @@ def run(argv: list[str]) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=8, help="prompts in the batched-vs-sequential comparison")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--device", default="cpu", help="cuda: the GPU comparison of bench/generate_device.py")
+    p.add_argument("--smoke", action="store_true", help="the --device path on CPU with a tiny model (checks the script)")
+    p.add_argument("--new-tokens", type=int, default=256, help="--device: tokens per request")
+    p.add_argument("--out", default="", help="--device: also write the JSON here (e.g. $OUT on the device machine)")
     args = p.parse_args(argv)
+    if args.device != "cpu" or args.smoke:
+        from bench.generate_device import run_device
+
+        return run_device(args)
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 

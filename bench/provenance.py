@@ -18,6 +18,8 @@ _TRAINING = ["lm_core/engine.py", "lm_core/zero_adapter.py", "lm_core/gated_adam
              "lm_core/step_hooks.py", "lm_core/run_state.py", "lm_core/train_report.py", "lm_core/train_metrics.py",
              "lm_core/train_config.py", "lm_core/checkpoints.py", "lm_core/loader.py", "lm_core/model.py",
              "lm_core/evaluation.py"]
+_GENERATION = ["lm_core/generate.py", "lm_core/generation_engine.py", "lm_core/generation_rows.py", "lm_core/decode_step.py",
+               "lm_core/kv_cache.py", "lm_core/sampling.py", "lm_core/model.py"]
 # the files each benchmark measures (its own module included): a change to one makes its result stale
 SOURCES: dict[str, list[str]] = {
     "pipeline": ["lm_core/*.py", "pipelines/**/*.py", "flows/*.py", "configs/tiny.yaml"],
@@ -25,9 +27,9 @@ SOURCES: dict[str, list[str]] = {
     "zero_memory": _TRAINING + ["lm_core/launch.py"],
     "gpu": _TRAINING,
     "stability": _TRAINING + ["pipelines/stages/*.py", "pipelines/data/*.py", "configs/tiny.yaml", "configs/default.yaml"],
-    "generate": ["lm_core/generate.py", "lm_core/model.py", "lm_core/hf_export.py"],
-    "serve": ["lm_core/generate.py", "lm_core/model.py", "pipelines/apps/serving.py"],
-    "quantize": ["lm_core/quantize.py", "lm_core/generate.py", "lm_core/model.py", "lm_core/evaluation.py"],
+    "generate": _GENERATION + ["lm_core/hf_export.py"],
+    "serve": _GENERATION + ["pipelines/apps/serving.py", "pipelines/apps/openai_*.py"],
+    "quantize": _GENERATION + ["lm_core/quantize.py", "lm_core/evaluation.py"],
     "tokenize": ["lm_core/tokenizer.py", "lm_core/shards.py", "pipelines/stages/shard.py"],
     "loader": ["lm_core/loader.py", "lm_core/shards.py"],
     "dedup": ["pipelines/data/neardup.py", "pipelines/stages/dedup.py", "pipelines/data/quality.py"],

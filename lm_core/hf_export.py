@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lm_core.model import GPT, GPTConfig
+from lm_core.weights import CHAT_TEMPLATE
 
 SPM_BPE = 2  # ModelProto.TrainerSpec.ModelType
 PIECE_NORMAL, PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED, PIECE_UNUSED, PIECE_BYTE = 1, 2, 3, 4, 5, 6
@@ -183,6 +184,7 @@ def hf_tokenizer_config(tokenizer_path: Path, block_size: int) -> dict:
         "split_special_tokens": True,  # SentencePiece encodes a literal "<s>" in text as text
         "model_max_length": block_size,
         "padding_side": "left",
+        "chat_template": CHAT_TEMPLATE,  # a transcript layout for a base model; see lm_core.weights
     }
 
 

@@ -1,4 +1,4 @@
-"""A small decoder-only GPT: config, KV cache and the model, in one readable file.
+"""A small decoder-only GPT: config and the model, in one readable file (its KV cache: lm_core.kv_cache).
 
 Defaults follow the modern Llama-style recipe (RoPE, RMSNorm, SwiGLU, no biases, tied embeddings);
 the classic GPT-2 pieces (learned positions, LayerNorm, GELU) are config switches so the two can be
@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from lm_core.kv_cache import CacheAccess
 from lm_core.typed_config import ConfigError  # a ValueError; lets the pipeline report all config errors alike
 
 # Model shapes by name, from the CI model to GPT-2 small and medium. The gpt2-* presets are GPT-2's own
@@ -143,32 +144,6 @@ class GPTConfig:
         return 6 * matmul_params + 12 * self.n_layer * self.n_embd * self.block_size
 
 
-class KVCache:
-    """Pre-allocated per-layer key/value cache: k, v tensors of shape (n_layer, B, n_kv_head, max_len, head_dim).
-
-    Pre-allocating (instead of torch.cat per step) keeps decode steps free of reallocations. `pos` is
-    the number of filled positions; layers write at [pos:pos+T] and the model advances pos once,
-    after the last layer, so every layer sees the same offset.
-    """
-
-    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
-        shape = (cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.batch_size, self.max_len = batch_size, max_len
-        self.pos = 0
-
-    def reset(self) -> None:
-        self.pos = 0  # stale entries beyond pos are never read, so no need to zero them
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, K, T, D) at [pos:pos+T] and return everything filled so far, (B, K, S, D)."""
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
 def rope_tables(cfg: GPTConfig, device=None) -> tuple[Tensor, Tensor]:
     """cos, sin of shape (block_size, D/2): the rotation angle of each (position, frequency) pair."""
     dims = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device)  # (D/2,)
@@ -206,8 +181,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None,
-                mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: CacheAccess | None = None,
+                mask: Tensor | bool | None = None, positions: Tensor | None = None) -> Tensor:
+        """mask: (B, 1, T, S) bool; None for plain causal attention; False for none (every key visible).
+        positions (B, T) or (T,): the cache positions of the new tokens (with a cache only)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, D)
@@ -215,23 +192,17 @@ class Attention(nn.Module):
         if self.use_rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
-        offset = 0
-        if kv_cache is not None:
-            offset = kv_cache.pos
-            k, v = kv_cache.update(self.layer, k, v)  # (B, K, S, D), S = offset + T
-        if mask is not None:  # left-padded batch: (B, 1, T, S), built once per forward by GPT
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
-        elif offset == 0:
-            # queries and keys cover the same positions: the plain causal mask is right (and fastest)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        gqa = self.n_kv_head != self.n_head
+        if cache is not None:
+            window = cache.window or cache.cache.k.size(3)
+            k, v = cache.cache.write_and_read(self.layer, k, v, positions, cache.slots, window,
+                                              cache.common_start)  # (B, K, S, D)
+        if mask is None:  # queries and keys cover the same positions: the plain causal mask is right (and fastest)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif mask is False:
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         else:
-            # query i sits at absolute position offset+i and may see keys 0..offset+i. For T == 1 that is
-            # every key, so no mask; is_causal would wrongly align the mask to the top-left corner.
-            mask = None
-            if T > 1:
-                S = k.size(2)
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=offset)  # (T, S)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
         return self.dropout(self.o_proj(y))
 
@@ -268,9 +239,9 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None,
-                mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, mask)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: CacheAccess | None = None,
+                mask: Tensor | bool | None = None, positions: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask, positions)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -329,52 +300,47 @@ class GPT(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, *, kv_cache: KVCache | None = None,
-                reduction: str = "mean", pad: Tensor | None = None,
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: CacheAccess | None = None,
+                logits_at: Tensor | None = None, reduction: str = "mean",
                 segments: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """pad (B,) long, optional: each row's number of left-padding tokens, counted from position 0 (cache
-        slot 0 with a cache). Padding slots are masked out as keys and a row's positions start after its
-        padding, so a left-padded row computes what it would alone (batched generation of unequal prompts).
+        """cache, optional: run the new tokens idx (B, T) at positions in a KVCache (see CacheAccess); each row
+        attends to its own slot's keys up to its own position, so rows of different lengths batch together.
+        The caller keeps positions inside the cache and the context (lm_core.generation_engine does); checking
+        them here would read the device's start positions back on every step.
+
+        logits_at (B,) long, optional: compute logits only at this index of each row, (B, 1, V) (a right-padded
+        prefill wants each prompt's last position only; the head is the largest matmul of a small model).
 
         segments (B, T) int, optional, no cache: the document each token belongs to; a token then attends
         only to earlier tokens of its own document (block-diagonal causal attention over packed windows)."""
         B, T = idx.shape
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {start + T} tokens (cache {start} + new {T}) exceeds "
-                             f"model.block_size={self.cfg.block_size}; crop the input")
-        if kv_cache is not None and (start + T > kv_cache.max_len or B != kv_cache.batch_size):
-            raise ValueError(f"KV cache (batch {kv_cache.batch_size}, max_len {kv_cache.max_len}) cannot take "
-                             f"batch {B} at positions {start}..{start + T - 1}; allocate a larger cache or reset it")
+        if cache is None and T > self.cfg.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds model.block_size={self.cfg.block_size}; crop the input")
         x = self.wte(idx)  # (B, T, C)
-        slots = torch.arange(start, start + T, device=idx.device)  # (T,)
-        positions, mask = slots, None
-        if pad is not None:
-            positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
-            keys = torch.arange(start + T, device=idx.device)[None, None, :]  # (1, 1, S)
-            query = slots[None, :, None]  # (1, T, 1)
-            # a padding query sees only itself, so no softmax row is all -inf (NaN would leak through 0 * v)
-            mask = ((keys >= pad[:, None, None]) & (keys <= query)) | (keys == query)  # (B, T, S)
-            mask = mask[:, None]  # (B, 1, T, S), broadcast over heads
+        positions, mask = torch.arange(T, device=idx.device), None  # (T,)
+        if cache is not None:
+            if segments is not None:
+                raise ValueError("segments (document-boundary attention) is for training windows, not a KV cache")
+            positions, mask = cache.positions_and_mask(T, idx.device)
         if segments is not None:
-            if kv_cache is not None or pad is not None:
-                raise ValueError("segments (document-boundary attention) is for training windows: no kv_cache or pad")
             causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
             same_doc = segments[:, :, None] == segments[:, None, :]  # (B, T, T); the diagonal keeps rows finite
             mask = (causal[None] & same_doc)[:, None]  # (B, 1, T, T)
+        # the scratch column may sit one past the last position: clamp the table lookups (its output is unused)
+        lookup = positions.clamp(max=self.cfg.block_size - 1)
         if self.wpe is not None:
-            x = x + self.wpe(positions)
+            x = x + self.wpe(lookup)
         cos, sin = self.rope_cos, self.rope_sin  # empty without rope
         if self.cfg.pos == "rope":
-            cos, sin = cos[positions], sin[positions]  # (T, D/2), or (B, T, D/2) with pad
+            cos, sin = cos[lookup], sin[lookup]  # (T, D/2), or (B, T, D/2) with a cache
         for block in self.blocks:
-            if self.activation_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled():
+            if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
                 # keep only the block's input; backward recomputes its activations (memory for ~1/3 more compute)
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, None, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, kv_cache, mask)
-        if kv_cache is not None:
-            kv_cache.pos += T
+                x = block(x, cos, sin, cache, mask, positions if cache is not None else None)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=idx.device), logits_at][:, None]  # (B, 1, C)
         logits = self.lm_head(self.norm_f(x)).float()  # (B, T, V); float32 so softmax/CE are stable under bf16
         if targets is None:
             return logits, None

@@ -37,7 +37,8 @@ def add_commands(sub) -> None:
     ev.add_argument("--json", action="store_true", help="print the scores as JSON")
     ev.set_defaults(func=_cmd_eval)
 
-    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/models, /health)")
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
+                                       "/v1/models, /health)")
     srv.add_argument("--model", help="export directory or MLflow models:/ URI (default: the workspace's latest export)")
     srv.add_argument("--workspace", default="workspace", help="workspace directory (default: ./workspace)")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
@@ -45,6 +46,12 @@ def add_commands(sub) -> None:
     srv.add_argument("--name", help="model name clients pass as `model` (default: the export directory's name)")
     srv.add_argument("--dtype", choices=("fp32", "bf16", "int8"), default="fp32",
                      help="weights for CPU inference: fp32, bf16, or int8 (weight-only, bf16 compute) (default: fp32)")
+    srv.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1 ... (default: cpu)")
+    srv.add_argument("--slots", type=int, default=16,
+                     help="requests decoded together: rows of the running batch and of the KV cache (default: 16)")
+    srv.add_argument("--compile", action="store_true",
+                     help="CUDA only: compile the fixed-shape decode step (torch.compile reduce-overhead, CUDA graphs)")
+    srv.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted (default: 4)")
     srv.set_defaults(func=_cmd_serve)
 
     insp = sub.add_parser("inspect", help="what the model learned: `inspect neighbors WORD`, "
@@ -179,7 +186,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     model_dir = resolve_model(args.model, Path(args.workspace))
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not an lmforge model directory (no config.json); pass an export directory")
-    serve(model_dir, host=args.host, port=args.port, model_name=args.name, dtype=args.dtype)
+    from lm_core.generation_engine import EngineConfig
+
+    engine = EngineConfig(slots=args.slots, compile=args.compile)
+    serve(model_dir, host=args.host, port=args.port, model_name=args.name, dtype=args.dtype, engine=engine,
+          max_body_bytes=int(args.max_body_mb * 1024 * 1024), device=args.device)
     return 0
 
 

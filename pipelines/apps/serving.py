@@ -1,277 +1,237 @@
-"""An OpenAI-compatible HTTP server for an exported model: `/v1/completions` (plain JSON, or server-sent
-events when `stream` is true), `/v1/models` and `/health`. `lmforge serve` runs it with uvicorn.
+"""An OpenAI-compatible HTTP server for an exported model: `/v1/completions` and `/v1/chat/completions` (plain
+JSON, or server-sent events when `stream` is true), `/v1/models`, `/v1/models/{id}` and `/health`.
+`lmforge serve` runs it with uvicorn.
 
-Every request runs lm_core's one generation loop with its own KV cache, stepped on a worker thread one
-text chunk at a time, so concurrent requests share the model's weights and nothing else, and the event
-loop stays free between steps. A request whose client goes away stops at the next step and drops its
-cache: Starlette cancels a stream when the client disconnects, and a plain request checks for it.
+All requests share one generation engine (lm_core.generation_engine) that runs on its own thread: each
+request's prompts (times `n`) are submitted to it and join the running batch at the next step, so
+concurrent clients are decoded together. Events come back to the event loop through a queue per request.
+A request whose client goes away is cancelled and its rows leave the batch at the next step: Starlette
+cancels a stream when the client disconnects, and a plain request watches for the disconnect itself.
 
-Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 422 for a request that
-does not parse (wrong type, out-of-range value, unknown field), 400 for one that parses but cannot be
-served (prompt + max_tokens longer than the context, features this server does not implement), 404
-for an unknown model name.
+The event loop only moves bytes: a body over the size limit is refused (413) before it is read whole, and
+decoding, JSON parsing, validation, the chat template and tokenization run on worker threads. A prompt
+whose character count alone proves it longer than the context is refused without being tokenized.
+Errors use OpenAI's shape (pipelines.apps.openai_schema): 400 for a body that is not UTF-8 JSON, has
+invalid values, or cannot be served (too long, unsupported options), 404 for an unknown model or path,
+413 for a body over the limit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
-from lm_core.generate import SamplingConfig, TextChunk, stream_text
+from lm_core.generation_engine import EngineConfig, GenerationEngine, GenerationRequest
+from lm_core.generation_rows import GenerationEvent
 from lm_core.quantize import prepare_for_inference
 from lm_core.tokenizer import Tokenizer
-from lm_core.weights import TOKENIZER_FILE, load_model_dir
+from lm_core.weights import CHAT_TEMPLATE, CHAT_TEMPLATE_FILE, TOKENIZER_FILE, load_model_dir
+from pipelines.apps import openai_format as fmt
+from pipelines.apps.openai_plans import Plan, check_model, plan_chat, plan_completion
+from pipelines.apps.openai_schema import RequestError
 
-MAX_PROMPTS = 32  # prompts in one request: they run as one batch, whose cache grows with it
-DISCONNECT_CHECK_EVERY = 8  # chunks between checks that a plain (non-stream) request's client is still there
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
-
-
-class CompletionRequest(BaseModel):
-    """The fields of OpenAI's legacy completions API; top_k is an extension (as in vLLM)."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1)
-    seed: int | None = None
-    stop: str | list[str] | None = Field(None, validate_default=True)  # validated into a list
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1)
-    best_of: int | None = Field(None, ge=1)
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=5)
-    suffix: str | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4 or any(s == "" for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return stops
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, value):
-        if isinstance(value, list) and len(value) == 0:
-            raise ValueError("prompt must not be an empty list")
-        return value
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a full-context batch of 32 prompts is well under this
 
 
 class ServedModel:
-    """The model, its tokenizer, and counters that /health reports (and tests read)."""
+    """The model, its tokenizer, chat template and generation engine, and what /health reports."""
 
-    def __init__(self, model_dir: Path, name: str | None = None, dtype: str = "fp32"):
+    def __init__(self, model_dir: Path, name: str | None = None, dtype: str = "fp32", engine: EngineConfig | None = None,
+                 device: str = "cpu"):
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
         model, meta = load_model_dir(model_dir)
-        self.model = prepare_for_inference(model, dtype)  # fp32 | bf16 | int8 (lm_core.quantize)
+        self.model = prepare_for_inference(model.to(device), dtype)  # fp32 | bf16 | int8 (lm_core.quantize)
         self.dtype = dtype
         self.tokenizer = Tokenizer(Path(model_dir) / TOKENIZER_FILE)
+        self.texts = fmt.TokenTexts(self.tokenizer)
+        self.max_piece_chars = max(max(self.texts.width), 1)
         self.name = name or meta.get("name") or Path(model_dir).resolve().name
         self.block_size = self.model.cfg.block_size
         self.created = int(time.time())
-        self._lock = threading.Lock()
-        self.active = 0  # generations running now
-        self.requests = 0
-        self.tokens_generated = 0
+        template = Path(model_dir) / CHAT_TEMPLATE_FILE  # exports made before templates existed get the default
+        source = template.read_text(encoding="utf-8") if template.is_file() else CHAT_TEMPLATE
+        self.chat_template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(source)
+        self.engine = GenerationEngine(self.model, engine or EngineConfig(), tokenizer=self.tokenizer).start()
 
-    def count(self, active: int = 0, tokens: int = 0, requests: int = 0) -> None:
-        with self._lock:
-            self.active += active
-            self.tokens_generated += tokens
-            self.requests += requests
+    def health(self) -> dict[str, Any]:
+        stats = self.engine.stats
+        return {"status": "ok", "model": self.name, "dtype": self.dtype, "active": self.engine.active,
+                "requests": stats.requests, "tokens_generated": stats.tokens_generated, "steps": stats.steps,
+                "slots": self.engine.cache.slots}
+
+    def card(self) -> dict[str, Any]:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "lmforge",
+                "max_model_len": self.block_size}
 
 
-class _Job:
-    """One request's generation, stepped from the event loop on worker threads. The lock keeps close()
-    from running while a step is (a generator cannot be closed from another thread mid-step)."""
+class Generation:
+    """One HTTP request's engine requests, with their events delivered on the event loop: each as it comes for
+    a stream; for a plain request, all of a request's events at once when it finishes (waking the event loop
+    once per request instead of once per token keeps the GIL for the engine)."""
 
-    def __init__(self, served: ServedModel, chunks: Iterator[TextChunk]):
-        self._served, self._chunks, self._lock = served, chunks, threading.Lock()
-        self._closed = False
-        self._tokens: dict[int, int] = {}  # per prompt, as last reported
-        served.count(active=1, requests=1)
+    def __init__(self, engine: GenerationEngine, requests: list[GenerationRequest], stream: bool):
+        loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[list[GenerationEvent]] = asyncio.Queue()
+        self._engine = engine
+        held: dict[int, list[GenerationEvent]] = {}
 
-    def step(self) -> TextChunk | None:
-        with self._lock:
-            if self._closed:
-                return None
-            chunk = next(self._chunks, None)
-        if chunk is not None:
-            self._served.count(tokens=chunk.tokens - self._tokens.get(chunk.index, 0))
-            self._tokens[chunk.index] = chunk.tokens
-        return chunk
+        def deliver(event: GenerationEvent) -> None:  # on the engine's thread
+            batch = held.setdefault(event.request_id, [])
+            batch.append(event)
+            if not stream and event.finish_reason is None:
+                return
+            del held[event.request_id]
+            try:
+                loop.call_soon_threadsafe(self._queue.put_nowait, batch)
+            except RuntimeError:  # the loop is closed: the server is shutting down
+                pass
 
-    def close(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._chunks.close()  # ends the loop: its KV cache is dropped with it
-                self._served.count(active=-1)
-
-    async def chunks(self) -> AsyncIterator[TextChunk]:
-        import anyio
-
+        for request in requests:
+            request.on_event = deliver
+        self._index: dict[int, int] = {}
+        self._open: set[int] = set()
         try:
-            while (chunk := await run_in_threadpool(self.step)) is not None:
-                yield chunk
-        finally:
-            with anyio.CancelScope(shield=True):  # also when cancelled: wait for the running step, then stop
-                await run_in_threadpool(self.close)
+            for i, request in enumerate(requests):
+                rid = engine.submit(request)
+                self._index[rid] = i
+                self._open.add(rid)
+        except ValueError as exc:
+            self.cancel()
+            raise RequestError(400, str(exc), "prompt") from None
+
+    async def events(self) -> AsyncIterator[tuple[int, GenerationEvent]]:
+        """(choice index, event) until every request has finished."""
+        while self._open:
+            for event in await self._queue.get():
+                if event.finish_reason is not None:
+                    self._open.discard(event.request_id)
+                if event.finish_reason == "error":
+                    self.cancel()
+                    raise RequestError(500, f"generation failed: {event.error}", code="generation_failed")
+                yield self._index[event.request_id], event
+
+    def cancel(self) -> None:
+        for rid in self._open:
+            self._engine.cancel(rid)
 
 
-def _prepare(served: ServedModel, req: CompletionRequest) -> tuple[list[list[int]], SamplingConfig]:
-    if req.model != served.name:
-        raise RequestError(404, f"The model '{req.model}' does not exist; this server serves '{served.name}' "
-                                f"(see /v1/models)", "model", "model_not_found")
-    unsupported = {"n": req.n != 1, "best_of": req.best_of not in (None, 1), "echo": req.echo,
-                   "logprobs": req.logprobs is not None, "suffix": req.suffix is not None,
-                   "presence_penalty": req.presence_penalty != 0, "frequency_penalty": req.frequency_penalty != 0,
-                   "logit_bias": bool(req.logit_bias)}
-    for param, used in unsupported.items():
-        if used:
-            raise RequestError(400, f"{param}={getattr(req, param)!r} is not supported by this server; leave {param} "
-                                    f"unset", param, "unsupported_parameter")
-    tok = served.tokenizer
-    raw = req.prompt
-    if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
-        raw = [raw]
-    if len(raw) > MAX_PROMPTS:
-        raise RequestError(400, f"{len(raw)} prompts in one request; send at most {MAX_PROMPTS} per request", "prompt")
-    prompts = []
-    for p in raw:
-        if isinstance(p, str):
-            prompts.append(tok.encode(p, bos=True))
-        else:
-            bad = [i for i in p if not 0 <= i < tok.vocab_size]
-            if bad or not p:
-                raise RequestError(400, f"token ids {bad[:5]} are outside the vocabulary (0..{tok.vocab_size - 1})"
-                                   if bad else "a token-id prompt is empty", "prompt")
-            prompts.append(list(p))
-    max_tokens = 16 if req.max_tokens is None else req.max_tokens
-    longest = max(map(len, prompts))
-    if longest + max_tokens > served.block_size:
-        raise RequestError(400, f"This model's maximum context length is {served.block_size} tokens. However, you "
-                                f"requested {longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} for "
-                                f"the completion). Please reduce the prompt or max_tokens.", "max_tokens",
-                           "context_length_exceeded")
-    sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
-                              top_p=None if req.top_p >= 1.0 else req.top_p, seed=req.seed)
-    return prompts, sampling
+async def read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length", "")
+    too_large = f"; this server takes at most {limit:,} bytes (lmforge serve --max-body-mb)"
+    if length.isdigit() and int(length) > limit:
+        raise RequestError(413, f"The request body is {int(length):,} bytes{too_large}", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"The request body is over {limit:,} bytes{too_large}", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-def create_app(model_dir: Path | str, *, model_name: str | None = None, dtype: str = "fp32") -> FastAPI:
-    served = ServedModel(Path(model_dir), model_name, dtype)
-    app = FastAPI(title="lmforge", summary=f"OpenAI-compatible completions for {served.name}")
+def create_app(model_dir: Path | str, *, model_name: str | None = None, dtype: str = "fp32",
+               engine: EngineConfig | None = None, max_body_bytes: int = MAX_BODY_BYTES, device: str = "cpu") -> FastAPI:
+    served = ServedModel(Path(model_dir), model_name, dtype, engine, device)
+    app = FastAPI(title="lmforge", summary=f"OpenAI-compatible completions and chat for {served.name}")
     app.state.served = served
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for e in exc.errors():
-            where = ".".join(str(p) for p in e["loc"] if p != "body")
-            problems.append(f"{where}: {e['msg']}" if where else e["msg"])
-        first = exc.errors()[0]["loc"] if exc.errors() else ()
-        param = next((str(p) for p in first if p != "body"), None)
-        return _error(422, "; ".join(problems), param)
+    app.router.add_event_handler("shutdown", served.engine.stop)
 
     @app.exception_handler(RequestError)
     async def _bad(request: Request, exc: RequestError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.param, exc.code)
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:  # unknown paths and methods
+        code = "not_found" if exc.status_code == 404 else None
+        error = RequestError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code)
+        return JSONResponse(error.body(), status_code=exc.status_code)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": served.name, "dtype": served.dtype, "active": served.active,
-                "requests": served.requests, "tokens_generated": served.tokens_generated}
+        return served.health()
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
-                                            "owned_by": "lmforge", "max_model_len": served.block_size}]}
+        return {"object": "list", "data": [served.card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        check_model(served, model_id)
+        return served.card()
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        prompts, sampling = _prepare(served, req)
-        job = _Job(served, stream_text(served.model, served.tokenizer, prompts, sampling, stop=req.stop))
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": served.name}
-        prompt_tokens = sum(map(len, prompts))
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(job, head, prompt_tokens, include_usage), media_type="text/event-stream",
+    async def completions(request: Request):
+        plan = await _plan(request, plan_completion)
+        return await _respond(request, plan)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        plan = await _plan(request, plan_chat)
+        return await _respond(request, plan)
+
+    async def _plan(request: Request, planner) -> Plan:
+        body = await read_body(request, max_body_bytes)
+        return await anyio.to_thread.run_sync(planner, served, body)  # parse, validate, tokenize off the loop
+
+    async def _respond(request: Request, plan: Plan):
+        generation = Generation(served.engine, plan.requests, plan.stream)
+        if plan.stream:
+            return StreamingResponse(_sse(served, plan, generation), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        choices = [{"index": i, "text": "", "logprobs": None, "finish_reason": None} for i in range(len(prompts))]
-        completion_tokens, n = 0, 0
-        chunks = job.chunks()
+        collect = asyncio.ensure_future(_collect(plan, generation))
+        gone = asyncio.ensure_future(_until_disconnect(request))
         try:
-            async for chunk in chunks:
-                choice = choices[chunk.index]
-                choice["text"] += chunk.text
-                if chunk.finish_reason is not None:
-                    choice["finish_reason"] = chunk.finish_reason
-                    completion_tokens += chunk.tokens
-                n += 1
-                if n % DISCONNECT_CHECK_EVERY == 0 and await request.is_disconnected():
-                    break  # nobody is waiting for the answer: stop generating
+            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await chunks.aclose()
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
-        return {**head, "choices": choices, "usage": usage}
+            gone.cancel()
+            if not collect.done():  # nobody is waiting for the answer: stop generating
+                generation.cancel()
+                collect.cancel()
+        return plan.body(served, collect.result())
 
     return app
 
 
-async def _sse(job: _Job, head: dict, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
-    completion_tokens = 0
-    chunks = job.chunks()
+async def _collect(plan: Plan, generation: Generation) -> list[fmt.Choice]:
+    choices = plan.new_choices()
+    async for index, event in generation.events():
+        choices[index].add(event)
+    return choices
+
+
+async def _until_disconnect(request: Request) -> None:
+    # the body has been read, so the next message is the disconnect (or nothing, until the response is sent)
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _sse(served: ServedModel, plan: Plan, generation: Generation) -> AsyncIterator[str]:
+    choices = plan.new_choices()
     try:
-        async for chunk in chunks:
-            if chunk.finish_reason is not None:
-                completion_tokens += chunk.tokens
-            choice = {"index": chunk.index, "text": chunk.text, "logprobs": None, "finish_reason": chunk.finish_reason}
-            yield _event({**head, "choices": [choice]})
-        if include_usage:
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                     "total_tokens": prompt_tokens + completion_tokens}
-            yield _event({**head, "choices": [], "usage": usage})
+        for first in plan.opening_chunks(served):
+            yield _event(first)
+        async for index, event in generation.events():
+            choice = choices[index]
+            choice.add(event)
+            if (chunk := plan.chunk(served, choice, event)) is not None:
+                yield _event(chunk)
+        if plan.include_usage:
+            yield _event(plan.usage_chunk(served, choices))
         yield "data: [DONE]\n\n"
+    except RequestError as exc:  # the stream has started: the error goes in the stream
+        yield _event(exc.body())
     finally:
-        await chunks.aclose()
+        generation.cancel()  # a no-op when every request has finished; frees the rows of a dropped stream
 
 
 def _event(data: dict) -> str:
@@ -279,10 +239,14 @@ def _event(data: dict) -> str:
 
 
 def serve(model_dir: Path | str, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          log_level: str = "info", dtype: str = "fp32") -> None:
+          log_level: str = "info", dtype: str = "fp32", engine: EngineConfig | None = None,
+          max_body_bytes: int = MAX_BODY_BYTES, device: str = "cpu") -> None:
     """Serve until interrupted. 127.0.0.1 by default: pass host="0.0.0.0" to accept other machines."""
     import uvicorn
 
-    app = create_app(model_dir, model_name=model_name, dtype=dtype)
-    print(f"serving model '{app.state.served.name}' ({dtype}) from {model_dir} at http://{host}:{port}/v1", flush=True)
+    app = create_app(model_dir, model_name=model_name, dtype=dtype, engine=engine, max_body_bytes=max_body_bytes,
+                     device=device)
+    served = app.state.served
+    print(f"serving model '{served.name}' ({dtype}, {served.engine.cache.slots} slots) from {model_dir} "
+          f"at http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

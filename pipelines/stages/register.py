@@ -33,9 +33,10 @@ from pipelines.stages import tokenizer as tokenizer_stage
 from pipelines.stages.lineage import lineage
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
-STAGE, VERSION = "register", "3"  # 3: the gate compares champion and candidate on identical windows
+# 3: the pyfunc model is logged with its code (self-contained), and the gate compares champion and candidate on
+# identical validation windows
+STAGE, VERSION = "register", "3"
 EVAL_WINDOWS_TAG = "lmforge.eval_windows_sha256"
-PIP_REQUIREMENTS = ["torch==2.13.0", "safetensors", "sentencepiece", "numpy"]
 
 
 def key(cfg: PipelineConfig, results: dict[str, StageResult], tags: dict[str, str] | None = None) -> str:
@@ -51,8 +52,7 @@ def run(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageResult], tag
     def build(out: Path) -> dict:
         import mlflow
 
-        with _quiet_mlflow():  # defining the pyfunc class draws MLflow's type-hint advice
-            from pipelines.stages.pyfunc_model import LmforgeTextGenerator, signature
+        from pipelines.stages import pyfunc_model
 
         mlflow_store.configure(ws)
         client = mlflow_store.client(ws)
@@ -82,15 +82,8 @@ def run(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageResult], tag
                 # the pyfunc needs the lmforge weights only; the Hugging Face copy stays in the export
                 model_dir = Path(tmp) / "model_dir"
                 shutil.copytree(export.dir, model_dir, ignore=shutil.ignore_patterns(export_stage.HF_DIR))
-                with _quiet_mlflow():  # its pickling and signature notes are not for the console
-                    info = mlflow.pyfunc.log_model(
-                        name="model",
-                        python_model=LmforgeTextGenerator(),
-                        artifacts={"model_dir": str(model_dir)},
-                        pip_requirements=PIP_REQUIREMENTS,
-                        signature=signature(),
-                        registered_model_name=cfg.register.model_name,
-                    )
+                with _quiet_mlflow():  # its signature and dependency notes are not for the console
+                    info = pyfunc_model.log_model(model_dir, registered_model_name=cfg.register.model_name)
         version = str(info.registered_model_version)
         client.set_registered_model_alias(cfg.register.model_name, cfg.register.alias, version)
         windows = str(evaluate.metrics.get("val_windows_sha256", ""))

@@ -1,9 +1,10 @@
-"""Unit tests for lm_core.generate: cached vs uncached equivalence, sampling, stopping, config errors."""
+"""Unit tests for lm_core.generate (the helpers over the generation engine): cached vs uncached equivalence,
+sampling, stopping, batches, config errors."""
 
 import pytest
 import torch
 
-from lm_core.generate import SamplingConfig, generate, generate_tokens, sample_next
+from lm_core.generate import SamplingConfig, generate, generate_batch, generate_tokens
 from lm_core.model import GPT, GPTConfig
 
 PATTERN = [5, 12, 3, 40, 7, 22, 9, 31]  # period 8, all distinct, so the next token is a function of the last one
@@ -99,15 +100,29 @@ def test_top_k_one_and_tiny_top_p_equal_greedy(trained):
     assert generate(trained, prompt, SamplingConfig(max_new_tokens=24, temperature=1.5, top_p=1e-6, seed=0)) == greedy
 
 
-def test_sample_next_respects_top_k_and_top_p():
-    logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0])  # probs ~ .64 .23 .09 .03 .01
-    gen = torch.Generator().manual_seed(0)
-    top_k = {sample_next(logits, SamplingConfig(top_k=2), gen) for _ in range(200)}
-    assert top_k == {0, 1}
-    top_p = {sample_next(logits, SamplingConfig(top_p=0.8), gen) for _ in range(200)}
-    assert top_p == {0, 1}  # .64 < .8, so the second token is needed; .64+.23 >= .8 stops there
-    everything = {sample_next(logits, SamplingConfig(temperature=5.0), gen) for _ in range(400)}
-    assert everything == {0, 1, 2, 3, 4}
+def test_sampling_respects_top_k_and_top_p_per_row():
+    from lm_core.sampling import sample
+
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0]).repeat(600, 1)  # probs ~ .64 .23 .09 .03 .01
+    rows = torch.arange(600)
+    kind = rows // 200  # rows 0-199 top_k=2, 200-399 top_p=0.8, 400-599 temperature 5 and no cut
+    drawn = sample(logits, temperature=torch.where(kind == 2, 5.0, 1.0), top_k=torch.where(kind == 0, 2, 0),
+                   top_p=torch.where(kind == 1, 0.8, 1.0), seeds=torch.full((600,), 7), counters=rows, filters=True)
+    assert set(drawn[:200].tolist()) == {0, 1}
+    assert set(drawn[200:400].tolist()) == {0, 1}  # .64 < .8, so the second token is needed; .64+.23 >= .8 stops there
+    assert set(drawn[400:].tolist()) == {0, 1, 2, 3, 4}
+    greedy = sample(logits[:3], torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.ones(3),
+                    torch.zeros(3, dtype=torch.long), torch.arange(3), filters=False)
+    assert greedy.tolist() == [0, 0, 0]
+
+
+def test_sampling_noise_depends_on_seed_and_counter_only():
+    from lm_core.sampling import gumbel_noise, token_keys
+
+    a = gumbel_noise(torch.tensor([1, 2, 1]), torch.tensor([5, 5, 5]), token_keys(1000))
+    assert torch.equal(a[0], a[2]) and not torch.equal(a[0], a[1])
+    u = torch.exp(-torch.exp(-a))  # back to the uniforms
+    assert 0.45 < u.mean() < 0.55 and u.min() > 0 and u.max() < 1
 
 
 def test_mode_and_grad_state_restored(trained):
@@ -144,10 +159,10 @@ def test_validate_names_the_key(overrides, match, trained):
         generate(trained, [1], SamplingConfig(**overrides))
 
 
-# --- batches of prompts of different lengths (left padding + masks) -------------------------------
+# --- batches of prompts of different lengths ---------------------------------------------------------
 
-from lm_core.generate import generate_batch, generate_batch_tokens  # noqa: E402
-from lm_core.model import KVCache  # noqa: E402
+from lm_core.generate import stream_text  # noqa: E402
+from lm_core.kv_cache import CacheAccess, KVCache  # noqa: E402
 
 
 def _random_models() -> list[GPT]:
@@ -159,21 +174,24 @@ def _random_models() -> list[GPT]:
 
 
 @torch.no_grad()
-def test_left_padded_rows_compute_what_they_would_alone():
-    # logits, not argmax: a near-tie cannot hide a wrong mask or position offset
+def test_rows_of_different_lengths_in_one_cache_compute_what_they_would_alone():
+    # logits, not argmax: a near-tie cannot hide a wrong mask or position. Slots out of order, a stale
+    # sequence left in a slot, a right-padded prefill, then one decode step with per-row positions.
     prompts = [[3, 9, 4, 1, 7, 30, 2], [11, 5], [8, 8, 1, 60]]
+    slots = torch.tensor([2, 0, 3])
     for model in _random_models():
+        cache = KVCache(model.cfg, slots=4, max_len=12)
+        cache.k.normal_(), cache.v.normal_()  # leftovers of earlier sequences must not leak in
         T = max(map(len, prompts))
-        pad = torch.tensor([T - len(p) for p in prompts])
-        x = torch.tensor([[0] * (T - len(p)) + p for p in prompts])  # (3, T)
-        cache = KVCache(model.cfg, 3, T + 2)
-        batched, _ = model(x, kv_cache=cache, pad=pad)  # prefill
-        step, _ = model(torch.tensor([[21], [22], [23]]), kv_cache=cache, pad=pad)  # one decode step
+        x = torch.tensor([p + [0] * (T - len(p)) for p in prompts])  # (3, T), right-padded
+        zero = torch.zeros(3, dtype=torch.long)
+        batched, _ = model(x, cache=CacheAccess(cache, zero, slots, T, common_start=0))
+        lengths = torch.tensor([len(p) for p in prompts])
+        step, _ = model(torch.tensor([[21], [22], [23]]), cache=CacheAccess(cache, lengths, slots, T + 1))
         for b, p in enumerate(prompts):
-            alone, _ = model(torch.tensor([p + [21 + b]]))  # (1, len+1, V), no cache, no padding
-            torch.testing.assert_close(batched[b, T - len(p):], alone[0, :len(p)], atol=1e-5, rtol=1e-4)
+            alone, _ = model(torch.tensor([p + [21 + b]]))  # (1, len+1, V), no cache
+            torch.testing.assert_close(batched[b, :len(p)], alone[0, :len(p)], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(step[b, 0], alone[0, -1], atol=1e-5, rtol=1e-4)
-            assert torch.isfinite(batched[b]).all()  # padding queries must not produce NaN
 
 
 def test_batched_greedy_equals_individual_greedy(trained, trained_learned):
@@ -200,22 +218,25 @@ def test_batched_sampling_and_overflow_equal_individual():
         assert generate_batch(model, prompts, sampling, use_cache=False) == individual
 
 
-def test_caller_can_stop_a_row_and_reuse_a_cache(trained):
-    prompts = [PATTERN[:2], PATTERN[:4]]
-    cache = KVCache(trained.cfg, batch_size=2, max_len=32)
-    storage = cache.k.data_ptr(), cache.v.data_ptr()
-    active = [True, True]
-    seen = []
-    for step in generate_batch_tokens(trained, prompts, GREEDY, cache=cache, active=active):
-        seen.append(step)
-        if len(seen) == 3:
-            active[0] = False  # e.g. a stop string appeared in row 0's text
-    assert [s[0] for s in seen[:3]] == continuation(PATTERN[1], 3) and all(s[0] is None for s in seen[3:])
-    assert [s[1] for s in seen] == continuation(PATTERN[3], 24)
-    again = list(generate_batch_tokens(trained, prompts, GREEDY, cache=cache))  # the same cache, reset
-    assert [s[0] for s in again] == continuation(PATTERN[1], 24)
-    assert (cache.k.data_ptr(), cache.v.data_ptr()) == storage  # no reallocation
-    with pytest.raises(ValueError, match=r"KV cache \(batch 2, max_len 32\) does not fit 3 prompts"):
-        generate_batch_tokens(trained, prompts + [[1]], GREEDY, cache=cache)
+class Digits:
+    """A detokenizer over bare ids (each id is one "character"), so stop strings need no SentencePiece."""
+
+    eos_id = 63
+
+    def decode(self, ids):
+        return "".join(chr(0x100 + i) for i in ids)
+
+
+def test_a_stopped_row_leaves_while_the_others_go_on(trained):
+    prompts = [PATTERN[:2], PATTERN[:4], PATTERN[5:7]]
+    full = [generate(trained, p, GREEDY) for p in prompts]
+    stop = Digits().decode([PATTERN[4]])  # id 7: row 1's 1st token, row 0's 3rd, row 2's 6th
+    chunks = list(stream_text(trained, Digits(), prompts, GREEDY, stop=[stop]))
+    for i, tokens in enumerate(full):
+        cut = tokens[:tokens.index(PATTERN[4])] if PATTERN[4] in tokens else tokens
+        text = "".join(c.text for c in chunks if c.index == i)
+        final = [c for c in chunks if c.index == i and c.finish_reason]
+        assert text == Digits().decode(cut) and len(final) == 1
+        assert (final[0].finish_reason, final[0].tokens) == ("stop", len(cut) + 1)
     with pytest.raises(ValueError, match="a prompt is empty"):
-        generate_batch_tokens(trained, [[1], []], GREEDY)
+        generate_batch(trained, [[1], []], GREEDY)

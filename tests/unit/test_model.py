@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from lm_core.model import GPT, GPTConfig, KVCache, preset
+from lm_core.kv_cache import CacheAccess, KVCache
+from lm_core.model import GPT, GPTConfig, preset
 
 
 def tiny(**overrides) -> GPTConfig:
@@ -157,38 +158,49 @@ def test_odd_head_dim_ok_with_learned_positions():
     assert model(torch.zeros(1, 4, dtype=torch.long))[0].shape == (1, 4, 64)
 
 
+def _at(cache: KVCache, start: int, rows: int = 2, **kw) -> CacheAccess:
+    return CacheAccess(cache, torch.full((rows,), start), **kw)
+
+
 @pytest.mark.parametrize("name", ["default", "gqa", "mqa_learned", "gpt2"])
-def test_kv_cache_chunks_match_full_forward(name):
+@pytest.mark.parametrize("common", [False, True])
+def test_kv_cache_chunks_match_full_forward(name, common):
+    """common: the host passes the rows' shared start (slice writes, no per-row mask) instead of only tensors."""
     model = build(**VARIANTS[name])
     cfg = model.cfg
     idx = torch.randint(0, 64, (2, 12))
     full, _ = model(idx)
-    cache = KVCache(cfg, batch_size=2, max_len=16)
-    assert cache.k.shape == (2, 2, cfg.kv_heads, 16, cfg.head_dim)
-    parts = [model(idx[:, :5], kv_cache=cache)[0]]  # prefill
-    assert cache.pos == 5
-    for t in range(5, 9):  # decode one token at a time
-        parts.append(model(idx[:, t:t + 1], kv_cache=cache)[0])
-    parts.append(model(idx[:, 9:], kv_cache=cache)[0])  # a multi-token chunk at an offset needs the explicit mask
-    assert cache.pos == 12
+    cache = KVCache(cfg, slots=2, max_len=16)
+    assert cache.k.shape == (2, 2, cfg.kv_heads, 17, cfg.head_dim)  # + the scratch column
+    parts = [model(idx[:, :5], cache=_at(cache, 0, window=5, common_start=0))[0]]  # prefill
+    for t in range(5, 9):  # decode one token at a time: the whole cache (the static shape), or an exact window
+        at = _at(cache, t, window=t + 1, common_start=t) if common else _at(cache, t)
+        parts.append(model(idx[:, t:t + 1], cache=at)[0])
+    chunk = _at(cache, 9, window=12, common_start=9 if common else None)  # a multi-token chunk at an offset
+    parts.append(model(idx[:, 9:], cache=chunk)[0])
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
-    cache.reset()
-    assert cache.pos == 0
-    torch.testing.assert_close(model(idx, kv_cache=cache)[0], full, atol=1e-5, rtol=0)
+    # slots in another order see their own rows
+    swapped, _ = model(idx.flip(0)[:, 9:], cache=_at(cache, 9, slots=torch.tensor([1, 0]), window=12))
+    torch.testing.assert_close(swapped, full.flip(0)[:, 9:], atol=1e-5, rtol=0)
+
+
+def test_scratch_column_is_never_seen():
+    model = build()
+    cache = KVCache(model.cfg, slots=1, max_len=8)
+    idx = torch.randint(0, 64, (1, 6))
+    full, _ = model(idx)
+    model(idx[:, :5], cache=_at(cache, 0, rows=1, window=5, common_start=0))
+    model(torch.tensor([[7]]), cache=_at(cache, cache.scratch, rows=1))  # a dummy row of a fixed-shape step
+    step, _ = model(idx[:, 5:], cache=_at(cache, 5, rows=1))
+    torch.testing.assert_close(step[:, 0], full[:, 5], atol=1e-5, rtol=0)
 
 
 def test_length_errors():
     model = build()
     with pytest.raises(ValueError, match="block_size=32"):
         model(torch.zeros(1, 33, dtype=torch.long))
-    cache = KVCache(model.cfg, batch_size=1, max_len=8)
-    model(torch.zeros(1, 6, dtype=torch.long), kv_cache=cache)
-    with pytest.raises(ValueError, match="max_len 8"):
-        model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
-    big = KVCache(model.cfg, batch_size=1, max_len=64)
-    big.pos = 30
-    with pytest.raises(ValueError, match="block_size"):
-        model(torch.zeros(1, 3, dtype=torch.long), kv_cache=big)
+    with pytest.raises(ValueError, match=r"max_len=33 must be in 1..block_size=32"):
+        KVCache(model.cfg, slots=1, max_len=33)
 
 
 def test_dropout_active_only_in_training():
@@ -231,9 +243,9 @@ def test_document_segments_keep_attention_inside_each_document():
 
 def test_segments_refuse_a_cache():
     model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=4, n_embd=32))
-    cache = KVCache(model.cfg, batch_size=1, max_len=8)
+    cache = KVCache(model.cfg, slots=1, max_len=8)
     with pytest.raises(ValueError, match="segments"):
-        model(torch.zeros(1, 4, dtype=torch.long), kv_cache=cache, segments=torch.zeros(1, 4, dtype=torch.long))
+        model(torch.zeros(1, 4, dtype=torch.long), cache=_at(cache, 0, rows=1), segments=torch.zeros(1, 4, dtype=torch.long))
 
 
 @pytest.mark.parametrize("name, params", [("gpt2-124m", 124_439_808), ("gpt2-350m", 354_823_168)])

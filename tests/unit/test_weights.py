@@ -1,4 +1,4 @@
-"""Unit tests for lm_core.weights: the model directory round trip (safetensors + config.json)."""
+"""Unit tests for lm_core.weights: the model directory round trip (safetensors + config.json + chat template)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lm_core.model import GPT, GPTConfig
-from lm_core.weights import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_model_dir, save_model_dir
+from lm_core.weights import CHAT_TEMPLATE, CHAT_TEMPLATE_FILE, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_model_dir, save_model_dir
 
 BASE = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -32,8 +32,9 @@ def test_round_trip_gives_identical_logits(tmp_path, tokenizer_file, overrides):
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     out = save_model_dir(model, tokenizer_file, tmp_path / "export", extra={"tokenizer_sha256": "abc"})
-    assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE])
+    assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, CHAT_TEMPLATE_FILE])
     assert (out / TOKENIZER_FILE).read_bytes() == tokenizer_file.read_bytes()
+    assert (out / CHAT_TEMPLATE_FILE).read_text() == CHAT_TEMPLATE
 
     loaded, meta = load_model_dir(out)
     assert meta["format"] == "lmforge" and meta["tokenizer_sha256"] == "abc"
