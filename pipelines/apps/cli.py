@@ -72,8 +72,12 @@ def add_commands(sub) -> None:
 
     data = sub.add_parser("data", help="inspect the data catalog: `lmforge data report`")
     data_sub = data.add_subparsers(dest="data_command", metavar="WHAT", required=True)
-    data_report = data_sub.add_parser("report", help="reads, kept, dropped by reason, clusters, lengths per snapshot")
+    data_report = data_sub.add_parser("report", help="per snapshot (latest marked): reads, kept, dropped by reason, clusters, "
+                                                     "per source, lengths, examples of quarantined records and duplicate pairs")
     data_report.add_argument("--workspace", default="workspace", help="workspace directory (default: ./workspace)")
+    data_report.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
+    data_report.add_argument("--examples", type=int, default=3, metavar="N",
+                             help="examples of each quarantine reason and duplicate kind (default: 3)")
     data_report.set_defaults(func=_cmd_data_report)
 
     show = sub.add_parser("config", help="print the resolved config (YAML + overrides) and its hash")
@@ -118,14 +122,22 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_report(args: argparse.Namespace) -> int:
-    from pipelines.data.data_report import print_report
+    import json
+
+    from pipelines.data.data_report import full_report, print_report
     from pipelines.workspace import Workspace
 
+    if args.examples < 0:
+        raise ValueError(f"--examples {args.examples} must be >= 0")
     ws = Workspace(args.workspace)
     if not ws.catalog.is_file():
         raise FileNotFoundError(f"no catalog at {ws.catalog}; run `lmforge run --only dedup` first or pass --workspace")
     with ws.duckdb(read_only=True) as con:  # waits while a run is writing the catalog
-        print_report(con)
+        report = full_report(con, ws, args.examples)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print_report(report)
     return 0
 
 

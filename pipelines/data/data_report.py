@@ -1,7 +1,9 @@
-"""What happened to the data, read back from the catalog: per snapshot, records read, quarantined by
-reason, and per dedup run kept / dropped by reason, duplicate clusters and a length histogram.
+"""What happened to the data, read back from the catalog: per snapshot (when it was made, the latest
+marked), records read, quarantined by reason, and per dedup run kept / dropped by reason, duplicate clusters,
+a breakdown per source, a length histogram, and examples of quarantined records and of duplicate pairs
+(pipelines.data.report_details).
 
-`lmforge data report` prints it; tests use `accounting` to check the invariant
+`lmforge data report [--json] [--examples N]` prints it; tests use `accounting` to check the invariant
 `read == documents + quarantined` and `documents == kept + sum(dropped by reason)` for every snapshot.
 The dedup stage also leaves its own run's report beside its output (`write_stage_report`): JSON, a
 Markdown table (the Prefect UI shows it as the stage's artifact) and a PNG plot; `log_to_mlflow` logs
@@ -14,8 +16,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipelines.data import catalog
-from pipelines.workspace import StageResult
+from pipelines.data import catalog, report_details
+from pipelines.data.neardup import NearDupConfig
+from pipelines.workspace import StageResult, Workspace
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "data_report.json", "data_report.md", "data_report.png"
 
@@ -68,17 +71,37 @@ def length_histogram(con: Any, dedup_key: str) -> list[tuple[str, int, int]]:
     return [(label, rows.get((i, "kept"), 0), rows.get((i, "dropped"), 0)) for i, label in enumerate(labels)]
 
 
-def print_report(con: Any) -> None:
+def full_report(con: Any, ws: Workspace, examples: int = 3) -> dict:
+    """Everything `lmforge data report` shows, as JSON-ready data: snapshots newest first, each with its
+    dedup runs' accounting, per-source breakdown, length histogram and examples."""
+    entries = accounting(con)
+    times = report_details.snapshot_times(ws, sorted({e["snapshot"] for e in entries}))
+    newest = report_details.latest(times)
+    ngram = NearDupConfig().ngram
+    for e in entries:
+        made = times.get(e["snapshot"])
+        e["created_at"], e["latest"] = made and made[0], e["snapshot"] == newest
+        e["per_source"] = report_details.per_source(con, e["snapshot"], e["dedup_key"])
+        e["quarantine_examples"] = report_details.quarantine_examples(con, e["snapshot"], examples)
+        if e["dedup_key"] is not None:
+            e["balanced"] = balanced(e)
+            e["length_histogram"] = [{"bin": b, "kept": k, "dropped": d} for b, k, d in length_histogram(con, e["dedup_key"])]
+            e["duplicate_examples"] = report_details.duplicate_examples(con, e["dedup_key"], examples, ngram)
+    entries.sort(key=lambda e: (e["snapshot"] == newest, (times.get(e["snapshot"]) or ("", 0))[1]), reverse=True)
+    return {"latest_snapshot": newest, "similarity": f"Jaccard of {ngram}-word shingles", "entries": entries}
+
+
+def print_report(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    entries = accounting(con)
-    if not entries:
+    if not report["entries"]:
         console.print("the catalog holds no snapshot yet; run `lmforge run --only dedup` first")
         return
-    for e in entries:
-        t = Table(title=f"snapshot {e['snapshot']}  dedup {e['dedup_key'] or '(not run)'}")
+    for e in report["entries"]:
+        made = f"made {e['created_at'] or '(time unknown)'}" + ("  (latest)" if e["latest"] else "")
+        t = Table(title=f"snapshot {e['snapshot']}  {made}  dedup {e['dedup_key'] or '(not run)'}")
         t.add_column("what")
         t.add_column("documents", justify="right")
         t.add_row("read", str(e["read"]))
@@ -89,16 +112,33 @@ def print_report(con: Any) -> None:
             for reason, n in e["dropped_by_reason"].items():
                 t.add_row(f"  dropped: {reason}", str(n))
             t.add_row("duplicate clusters", str(e["duplicate_clusters"]))
-            ok = balanced(e)
-            t.add_row("read == quarantined + kept + dropped", "yes" if ok else "NO", style=None if ok else "red")
+            t.add_row("read == quarantined + kept + dropped", "yes" if e["balanced"] else "NO", style=None if e["balanced"] else "red")
         console.print(t)
+        counts = ("read", "quarantined", "kept", "dropped")
+        console.print(_table("per source", ["source", *counts],
+                             [[s, *(row.get(c, "") for c in counts)] for s, row in e["per_source"].items()]))
         if e["dedup_key"] is not None:
-            h = Table(title="length (bytes)")
-            for col in ("bin", "kept", "dropped"):
-                h.add_column(col, justify="right")
-            for label, kept, dropped in length_histogram(con, e["dedup_key"]):
-                h.add_row(label, str(kept), str(dropped))
-            console.print(h)
+            console.print(_table("length (bytes)", ["bin", "kept", "dropped"],
+                                 [[h["bin"], h["kept"], h["dropped"]] for h in e["length_histogram"]]))
+        if e["quarantine_examples"]:
+            console.print(_table("quarantined, examples", ["reason", "where", "snippet"],
+                                 [[x["reason"], x["uri"], x["snippet"]] for x in e["quarantine_examples"]]))
+        if e.get("duplicate_examples"):
+            console.print(_table(f"duplicates, examples (similarity: {report['similarity']})",
+                                 ["reason", "dropped", "kept copy", "similarity", "dropped text"],
+                                 [[x["reason"], x["uri"], x["kept_uri"],
+                                   f"{x['similarity']:.3f}", x["snippet"]] for x in e["duplicate_examples"]]))
+
+
+def _table(title: str, columns: list[str], rows: list[list]) -> Any:
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for row in rows:
+        t.add_row(*(str(v) for v in row))
+    return t
 
 
 def write_stage_report(con: Any, snapshot: str, dedup_key: str, out: Path) -> dict:

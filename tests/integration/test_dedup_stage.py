@@ -122,6 +122,49 @@ def test_data_report_command_prints_the_accounting(corpus, capsys):
     assert main(["data", "report", "--workspace", str(corpus / "nowhere")]) == 2
 
 
+def test_data_report_marks_the_latest_snapshot_and_shows_sources_and_examples(tmp_path, capsys):
+    from flows.cli import main
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for name, text in {**ORIGINALS, **PLANTED}.items():
+        (texts / name).write_text(text)
+    (tmp_path / "more.jsonl").write_text(json.dumps({"text": ORIGINALS["a5.txt"]}) + "\n" + json.dumps({"text": 7}) + "\n")
+    sources = (f"ingest.sources=[{{kind: text_dir, name: docs, path: {texts}, doc_chars: 0}}, "
+               f"{{kind: jsonl, name: lines, path: {tmp_path / 'more.jsonl'}}}]")
+    cfg = load_config("tiny", [f"workspace={tmp_path / 'ws'}", sources])
+    ws = Workspace(cfg.workspace)
+    first = ingest.run(cfg, ws)
+    dedup.run(cfg, ws, first)
+    (texts / "f_new.txt").write_bytes(b"caf\xe9 in latin-1, refused at ingest")
+    second = ingest.run(cfg, ws)
+    dedup.run(cfg, ws, second)
+
+    assert main(["data", "report", "--workspace", str(ws.root), "--json", "--examples", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["latest_snapshot"] == second.key
+    newest, oldest = report["entries"][0], report["entries"][-1]
+    assert (newest["snapshot"], newest["latest"], oldest["snapshot"], oldest["latest"]) == (second.key, True, first.key, False)
+    assert newest["created_at"] >= oldest["created_at"]
+    by_source = newest["per_source"]
+    assert by_source["lines"] == {"read": 2, "quarantined": 1, "documents": 1, "kept": 0, "dropped": 1}  # a5 copy
+    assert by_source["docs"]["quarantined"] == 1 and by_source["docs"]["kept"] == len(ORIGINALS)
+    assert sum(row["read"] for row in by_source.values()) == newest["read"]
+    assert sum(row["kept"] for row in by_source.values()) == newest["kept"]
+    assert {(x["reason"], x["uri"].rsplit("/", 1)[-1]) for x in newest["quarantine_examples"]} == {
+        ("bad_encoding", "f_new.txt"), ("wrong_type", "more.jsonl:2")}  # uri names the line
+    pairs = {(x["reason"], x["uri"].rsplit("/", 1)[-1], x["kept_uri"].rsplit("/", 1)[-1]): x["similarity"]
+             for x in newest["duplicate_examples"]}
+    assert pairs[("exact_duplicate", "b_exact.txt", "a1.txt")] == 1.0
+    assert 0.8 <= pairs[("near_duplicate", "c_near.txt", "a0.txt")] < 1.0
+    assert len([k for k in pairs if k[0] == "exact_duplicate"]) == 2  # --examples 2 of the 3 exact copies
+
+    assert main(["data", "report", "--workspace", str(ws.root)]) == 0
+    out = capsys.readouterr().out
+    assert f"snapshot {second.key}" in out and "(latest)" in out and "per source" in out
+    assert "duplicates, examples" in out and "bad_encoding" in out
+
+
 def test_documents_overlapping_an_eval_set_are_dropped(corpus, tmp_path):
     from lm_core.typed_config import ConfigError
 
