@@ -34,7 +34,7 @@ from pipelines.stages import projector
 from pipelines.stages import tokenizer as tokenizer_stage
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
-STAGE, VERSION = "evaluate", "2"  # 2: a fixed-seed sample of windows over the whole split; per source
+STAGE, VERSION = "evaluate", "3"  # 2: a fixed-seed sample of windows over the whole split; per source; 3: a seed per prompt
 SAMPLES_FILE, TASKS_FILE = "samples.json", "tasks.json"
 
 
@@ -65,10 +65,11 @@ def run(cfg: PipelineConfig, ws: Workspace, pretrain: StageResult, shard: StageR
         trained = bits_per_byte(model, val, token_bytes, **args)
         torch.manual_seed(cfg.train.seed)  # the same initial weights the training run started from
         untrained = bits_per_byte(GPT(cfg.model), val, token_bytes, **args)
-        samples = [
-            {"prompt": p, "completion": tok.decode(generate(model, tok.encode(p, bos=True), cfg.eval.sampling, eos_id=tok.eos_id))}
-            for p in cfg.eval.prompts
-        ]
+        samples = []
+        for p in cfg.eval.prompts:  # each prompt its own seed, derived from eval.sampling.seed and its text
+            sampling = cfg.eval.sampling.for_prompt(p)
+            ids = generate(model, tok.encode(p, bos=True), sampling, eos_id=tok.eos_id)
+            samples.append({"prompt": p, "seed": sampling.seed, "completion": tok.decode(ids)})
         (out / SAMPLES_FILE).write_text(json.dumps(samples, indent=2))
         metrics = {
             "val_loss": trained["loss"],

@@ -196,7 +196,7 @@ def test_shard_index_totals_match_the_split_and_the_tokenizer(first, ws):
 # --- model -----------------------------------------------------------------------------------------
 
 
-def test_training_beats_the_untrained_model(first):
+def test_training_beats_the_untrained_model(first, cfg):
     m = first["evaluate"].metrics
     assert 0 < m["val_bpb"] < m["untrained_val_bpb"]
     assert m["val_loss"] < m["untrained_val_loss"]
@@ -204,6 +204,8 @@ def test_training_beats_the_untrained_model(first):
     samples = json.loads((first["evaluate"].dir / "samples.json").read_text())
     assert [s["prompt"] for s in samples] == ["def ", "import "]
     assert all(isinstance(s["completion"], str) for s in samples)
+    seeds = [s["seed"] for s in samples]  # one seed per prompt, derived from eval.sampling.seed
+    assert len(set(seeds)) == 2 and seeds == [cfg.eval.sampling.for_prompt(p).seed for p in ("def ", "import ")]
 
 
 def test_export_is_self_contained_with_lineage(first, cfg, ws):
