@@ -1,9 +1,10 @@
 """Links between a Prefect flow run and the MLflow run its register stage made, both ways.
 
-The MLflow run exists only once the register stage has run, so the flow links each stage to it at
-the end: every stage's task run gets a new version of its `<stage>-output` artifact (the table of
-what it produced, plus the MLflow links), and the flow run gets an `mlflow-run` link artifact. The
-other direction is a tag: the MLflow run and the registered version carry `prefect.flow_run_url`.
+Each stage's task writes its `<stage>-output` artifact (the table of what it produced) once, when it
+finishes. The MLflow run and registered model are known only once the register stage has run, so the flow
+then gives every stage's task run an `<stage>-mlflow` artifact with the links (a separate artifact: the
+output artifact is never written a second time), and the flow run an `mlflow-run` link artifact. The other
+direction is a tag: the MLflow run and the registered version carry `prefect.flow_run_url`.
 
 The URLs point at the UIs `lmforge ui` starts (127.0.0.1:4200 and :5000); set LMFORGE_PREFECT_UI_URL
 or LMFORGE_MLFLOW_UI_URL when yours live elsewhere.
@@ -12,7 +13,6 @@ or LMFORGE_MLFLOW_UI_URL when yours live elsewhere.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from uuid import UUID
 
 from pipelines.workspace import StageResult
@@ -38,17 +38,13 @@ def mlflow_model_url(name: str, version: str) -> str:
     return f"{base.rstrip('/')}/#/models/{name}/versions/{version}"
 
 
-def stage_markdown(result: StageResult, links: str = "") -> str:
+def stage_markdown(result: StageResult) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in result.metrics.items() if not isinstance(v, (dict, list)))
-    return (f"### {result.stage} `{result.key}`\n\nOutput: `{result.path}`\n\n{links}"
-            f"| metric | value |\n|---|---|\n{rows}\n")
+    return f"### {result.stage} `{result.key}`\n\nOutput: `{result.path}`\n\n| metric | value |\n|---|---|\n{rows}\n"
 
 
-def link_stages_to_mlflow(results: dict[str, StageResult], task_runs: dict[str, UUID], flow_run_id: UUID,
-                          markdown: Callable[[StageResult, str], str] = stage_markdown) -> str:
-    """Publish the MLflow links on every stage's task run and on the flow run; returns the run's URL.
-
-    `markdown(result, links)` renders a stage's artifact, the same way the stage's task did."""
+def link_stages_to_mlflow(results: dict[str, StageResult], task_runs: dict[str, UUID], flow_run_id: UUID) -> str:
+    """Publish the MLflow links on every stage's task run and on the flow run; returns the run's URL."""
     from prefect.artifacts import create_link_artifact
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import ArtifactCreate
@@ -57,14 +53,14 @@ def link_stages_to_mlflow(results: dict[str, StageResult], task_runs: dict[str, 
     run_url = mlflow_run_url(str(registration["experiment_id"]), str(registration["run_id"]))
     model_url = mlflow_model_url(str(registration["model_name"]), str(registration["version"]))
     links = (f"MLflow run: [{registration['run_id']}]({run_url}) · registered model: "
-             f"[{registration['model_name']} v{registration['version']}]({model_url})\n\n")
+             f"[{registration['model_name']} v{registration['version']}]({model_url})\n")
     with get_client(sync_client=True) as client:
         for name, result in results.items():
             if name not in task_runs:
                 continue
             client.create_artifact(ArtifactCreate(
-                key=f"{name}-output", type="markdown", data=markdown(result, links),
-                description=f"lmforge {name} stage output, linked to MLflow run {registration['run_id']}",
+                key=f"{name}-mlflow", type="markdown", data=f"### {name} `{result.key}` in MLflow\n\n{links}",
+                description=f"the MLflow run and model version this {name} output went into",
                 flow_run_id=flow_run_id, task_run_id=task_runs[name]))
     create_link_artifact(link=run_url, link_text=f"MLflow run {registration['run_id']}", key="mlflow-run",
                          description="the MLflow run that records this flow run's model")

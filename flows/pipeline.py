@@ -77,7 +77,7 @@ def pipeline_flow(config: dict | None = None, only: str | None = None, start: st
         if note is not None:
             note.unlink(missing_ok=True)  # ended (also by an exception Prefect records): not a crash
     if "register" in results and flow_run.id:
-        link_stages_to_mlflow(results, task_runs, flow_run.id, markdown=_stage_artifact)
+        link_stages_to_mlflow(results, task_runs, flow_run.id)
     return results
 
 
@@ -89,5 +89,5 @@ def resolve_config(config: dict | None, config_name: str | None, overrides: list
     return load_config(config_name or "default", list(overrides or []))
 
 
-def _stage_artifact(result: StageResult, links: str = "") -> str:
-    return stage_markdown(result, links) + data_report.stage_markdown(result)  # dedup: the accounting tables
+def _stage_artifact(result: StageResult) -> str:
+    return stage_markdown(result) + data_report.stage_markdown(result)  # dedup: the accounting tables

@@ -89,8 +89,10 @@ def test_flow_run_and_mlflow_run_link_each_other(after_a_run):
 
     artifacts = _prefect(ports, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
     run_url = f"http://127.0.0.1:{ports['mlflow']}/#/experiments/{registration['experiment_id']}/runs/{run_id}"
-    linked = {a["key"].removesuffix("-output") for a in artifacts if a["task_run_id"] and run_url in str(a["data"])}
-    assert linked == set(STAGES), f"stages whose artifact does not link to the MLflow run: {set(STAGES) - linked}"
+    linked = {a["key"].removesuffix("-mlflow") for a in artifacts if a["task_run_id"] and run_url in str(a["data"])}
+    assert linked == set(STAGES), f"stages whose task run does not link to the MLflow run: {set(STAGES) - linked}"
+    outputs = sorted(a["key"] for a in artifacts if a["key"].endswith("-output"))
+    assert outputs == sorted(f"{name}-output" for name in STAGES), "a stage's output artifact is missing or written twice"
     assert any(a["key"] == "mlflow-run" and run_url in str(a["data"]) for a in artifacts)
 
 

@@ -82,6 +82,22 @@ def test_flow_runs_every_stage_as_a_completed_task(flow_env, first_flow):
     assert sorted(t.name for t in task_runs) == sorted(STAGES), "expected one task run per stage"
     assert {t.name: t.state.name for t in task_runs} == {name: "Completed" for name in STAGES}
 
+    # each stage's output artifact written once; the MLflow links beside it, once per stage
+    keys = [a.key for a in _artifacts(flow_run_id)]
+    assert sorted(k for k in keys if k.endswith("-output")) == sorted(f"{name}-output" for name in STAGES)
+    run_id = first_flow["register"].metrics["run_id"]
+    links = {a.key: a.data for a in _artifacts(flow_run_id) if a.key.endswith("-mlflow")}
+    assert sorted(links) == sorted(f"{name}-mlflow" for name in STAGES)
+    assert all(run_id in data for data in links.values())
+
+
+def _artifacts(flow_run_id: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
 
 def test_second_flow_run_is_served_from_the_cache(flow_env, first_flow, second_flow):
     (first_flow, first_id), (second_flow, second_id) = first_flow, second_flow
