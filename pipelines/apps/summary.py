@@ -23,7 +23,8 @@ def print_summary(cfg: PipelineConfig, ws: Workspace, results: dict[str, StageRe
     for name, result in results.items():
         keys = list(headline.get(name, ()))
         if name == "evaluate":  # per-source validation scores and extra texts, when there are any
-            keys += sorted(k for k in result.metrics if k.startswith(("val_bpb.", "text.")) and k.endswith("bpb"))
+            keys += sorted(k for k in result.metrics
+                           if k.startswith(("val_bpb.", "init_val_bpb.")) or (k.startswith("text.") and k.endswith(".bpb")))
         facts = ", ".join(f"{k}={_fmt(result.metrics.get(k))}" for k in keys if k in result.metrics)
         state = "reused" if result.reused else "ran"
         print(f"  {name:<10} {state:<6} {result.key}  {facts}")

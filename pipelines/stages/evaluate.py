@@ -34,7 +34,8 @@ from pipelines.stages import projector
 from pipelines.stages import tokenizer as tokenizer_stage
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
-STAGE, VERSION = "evaluate", "3"  # 2: a fixed-seed sample of windows over the whole split; per source; 3: a seed per prompt
+STAGE, VERSION = "evaluate", "3"  # 2: a fixed-seed sample of windows over the whole split; per source
+# 3: a seed per prompt; the starting model of a continued run scored per source too
 SAMPLES_FILE, TASKS_FILE = "samples.json", "tasks.json"
 
 
@@ -85,8 +86,11 @@ def run(cfg: PipelineConfig, ws: Workspace, pretrain: StageResult, shard: StageR
             **_per_source(ws, model, val, shard, tok, token_bytes, args),
         }
         if cfg.train.init_from:  # continued training: the model it started from, on the same validation data
-            start = bits_per_byte(load_init_weights(cfg.train.init_from, cfg.model), val, token_bytes, **args)
+            init_model = load_init_weights(cfg.train.init_from, cfg.model)
+            start = bits_per_byte(init_model, val, token_bytes, **args)
             metrics.update({"init_val_loss": start["loss"], "init_val_bpb": start["bpb"]})
+            # and on each source's documents apart: init_val_bpb.inbox beside val_bpb.inbox, the new documents
+            metrics.update({f"init_{k}": v for k, v in _per_source(ws, init_model, val, shard, tok, token_bytes, args).items()})
         metrics.update(text_scores(model, tok, [Path(p) for p in cfg.eval.texts], cfg.model.block_size, cfg.eval.batch_size))
         if task_files:
             rows = _score_tasks(cfg, model, tok, shard, task_files)

@@ -57,6 +57,7 @@ def test_continue_trains_the_champion_on_new_files_and_gates_on_the_same_data(ba
     assert evaluate["init_val_bpb"] < 0.8 * evaluate["untrained_val_bpb"]
     # the new documents are scored on their own too (the validation windows are a sample of the whole split)
     assert "val_bpb.inbox" in evaluate and evaluate["val_windows"] == cfg.eval.max_windows
+    assert evaluate["init_val_bpb.inbox"] > 0  # the champion on the new documents alone, beside the new model
     gate = results["register"].metrics["gate"]
     assert gate["same_eval_data"] is True and gate["champion_value"] == pytest.approx(evaluate["init_val_bpb"])
     assert gate["promoted"] == (evaluate["val_bpb"] < evaluate["init_val_bpb"])
