@@ -40,7 +40,8 @@ def latest(times: dict[str, tuple[str, int] | None]) -> str | None:
 
 
 def per_source(con: Any, snapshot: str, dedup_key: str | None) -> dict[str, dict[str, int]]:
-    """read / quarantined / kept / dropped per source of one snapshot (kept and dropped only after a dedup run)."""
+    """read / quarantined / documents / kept / dropped per source of one snapshot (kept and dropped only after
+    a dedup run)."""
     out: dict[str, dict[str, int]] = {}
     for source, n in catalog.rows(con, "SELECT source, count(*) FROM quarantine WHERE snapshot = ? GROUP BY ALL", [snapshot]):
         out.setdefault(source, {"read": 0, "quarantined": 0})["quarantined"] = n
@@ -54,7 +55,8 @@ def per_source(con: Any, snapshot: str, dedup_key: str | None) -> dict[str, dict
             row[status] = row.get(status, 0) + n
         row["documents"] = row.get("documents", 0) + n
     for row in out.values():
-        row["read"] = row.get("documents", 0) + row["quarantined"]
+        row.setdefault("documents", 0)
+        row["read"] = row["documents"] + row["quarantined"]
         if dedup_key is not None:
             row.setdefault("kept", 0)
             row.setdefault("dropped", 0)
