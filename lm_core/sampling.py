@@ -17,8 +17,7 @@ which no real sampling distribution notices.
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -53,15 +52,6 @@ class SamplingConfig:
             fail(f"sampling.top_p={self.top_p} must be in (0, 1]; set sampling.top_p to e.g. 0.9 or leave it unset")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             fail(f"sampling.seed={self.seed!r} must be an integer; set sampling.seed to e.g. 0 or leave it unset")
-
-    def for_prompt(self, prompt: str) -> SamplingConfig:
-        """These settings with a seed of one prompt's own, for sampling several prompts under one configured
-        seed: derived from (seed, prompt text), so the prompts do not share one noise stream and a prompt's
-        sample stays the same when prompts are added or reordered. Unseeded settings are returned as they are."""
-        if self.seed is None:
-            return self
-        digest = hashlib.sha256(f"{self.seed}\0{prompt}".encode()).digest()
-        return replace(self, seed=int.from_bytes(digest[:4], "little"))
 
     @property
     def filters(self) -> bool:

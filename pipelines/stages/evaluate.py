@@ -1,6 +1,6 @@
 """Stage 7, evaluate: validation loss, perplexity and bits per byte, trained vs untrained; the same on
 extra text files; multiple-choice tasks (accuracy with a 95% interval, plus how much of each task
-overlaps the training data); samples for fixed prompts.
+overlaps the training data); samples for fixed prompts, each drawn with its own seed (`prompt_sampling`).
 
 Validation scores use `eval.max_windows` windows sampled with a fixed seed over the whole split (or all of
 them), and record which (`val_windows_sha256`): the promotion gate compares models on identical windows.
@@ -11,6 +11,7 @@ mc.<task>.{acc,acc_norm,acc_ci_low,acc_ci_high,chance,n,overlap_fraction}.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 from lm_core.engine import load_init_weights
 from lm_core.evaluation import bits_per_byte
-from lm_core.generate import generate
+from lm_core.generate import SamplingConfig, generate
 from lm_core.model import GPT
 from lm_core.multiple_choice import evaluate_task, load_task
 from lm_core.shards import document_tokens, open_documents, open_split
@@ -68,7 +69,7 @@ def run(cfg: PipelineConfig, ws: Workspace, pretrain: StageResult, shard: StageR
         untrained = bits_per_byte(GPT(cfg.model), val, token_bytes, **args)
         samples = []
         for p in cfg.eval.prompts:  # each prompt its own seed, derived from eval.sampling.seed and its text
-            sampling = cfg.eval.sampling.for_prompt(p)
+            sampling = prompt_sampling(cfg.eval.sampling, p)
             ids = generate(model, tok.encode(p, bos=True), sampling, eos_id=tok.eos_id)
             samples.append({"prompt": p, "seed": sampling.seed, "completion": tok.decode(ids)})
         (out / SAMPLES_FILE).write_text(json.dumps(samples, indent=2))
@@ -103,6 +104,16 @@ def run(cfg: PipelineConfig, ws: Workspace, pretrain: StageResult, shard: StageR
         return metrics
 
     return run_stage(ws, STAGE, key(cfg, pretrain, shard, tokenizer), build, force)
+
+
+def prompt_sampling(sampling: SamplingConfig, prompt: str) -> SamplingConfig:
+    """The sampling settings for one of several prompts sampled under one configured seed: a seed of the
+    prompt's own, derived from (seed, prompt text), so the prompts do not share one noise stream and a
+    prompt's sample stays the same when prompts are added or reordered. Unseeded settings stay unseeded."""
+    if sampling.seed is None:
+        return sampling
+    digest = hashlib.sha256(f"{sampling.seed}\0{prompt}".encode()).digest()
+    return dataclasses.replace(sampling, seed=int.from_bytes(digest[:4], "little"))
 
 
 def _per_source(ws: Workspace, model, val: list[np.ndarray], shard: StageResult, tok: Tokenizer, token_bytes,

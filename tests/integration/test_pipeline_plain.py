@@ -197,6 +197,8 @@ def test_shard_index_totals_match_the_split_and_the_tokenizer(first, ws):
 
 
 def test_training_beats_the_untrained_model(first, cfg):
+    from pipelines.stages.evaluate import prompt_sampling
+
     m = first["evaluate"].metrics
     assert 0 < m["val_bpb"] < m["untrained_val_bpb"]
     assert m["val_loss"] < m["untrained_val_loss"]
@@ -205,7 +207,7 @@ def test_training_beats_the_untrained_model(first, cfg):
     assert [s["prompt"] for s in samples] == ["def ", "import "]
     assert all(isinstance(s["completion"], str) for s in samples)
     seeds = [s["seed"] for s in samples]  # one seed per prompt, derived from eval.sampling.seed
-    assert len(set(seeds)) == 2 and seeds == [cfg.eval.sampling.for_prompt(p).seed for p in ("def ", "import ")]
+    assert len(set(seeds)) == 2 and seeds == [prompt_sampling(cfg.eval.sampling, p).seed for p in ("def ", "import ")]
 
 
 def test_export_is_self_contained_with_lineage(first, cfg, ws):

@@ -240,15 +240,3 @@ def test_a_stopped_row_leaves_while_the_others_go_on(trained):
         assert (final[0].finish_reason, final[0].tokens) == ("stop", len(cut) + 1)
     with pytest.raises(ValueError, match="a prompt is empty"):
         generate_batch(trained, [[1], []], GREEDY)
-
-
-def test_each_prompt_gets_its_own_seed_from_the_configured_one():
-    from lm_core.sampling import SamplingConfig
-
-    base = SamplingConfig(seed=7)
-    a, b = base.for_prompt("def "), base.for_prompt("import ")
-    assert a.seed != b.seed and a.seed != 7  # prompts do not share one noise stream
-    assert base.for_prompt("def ").seed == a.seed  # stable: a prompt's sample does not depend on the others
-    assert SamplingConfig(seed=8).for_prompt("def ").seed != a.seed
-    assert (a.max_new_tokens, a.temperature) == (base.max_new_tokens, base.temperature)
-    assert SamplingConfig().for_prompt("def ").seed is None  # unseeded stays unseeded
