@@ -76,11 +76,11 @@ def zero_memory_row(r: dict) -> tuple[str, str]:
     text = (f"{r.get('precision')}, {_n(r['params'] / 1e6, 1)}M params, micro batch 1 × 64 tokens; peak tensor memory per "
             "rank during steps (profiler-counted allocations, like `max_memory_allocated`) next to the ZeRO paper's "
             "model-state bytes/param × params / ranks: " + "; ".join(parts))
-    first = next(iter(r["stages_by_ranks"].values()))
-    z3 = first.get("zero3", {})
-    over = z3.get("peak_tensor_mb", 0) / z3["expected_state_mb"] if z3.get("expected_state_mb") else None
-    ratio = (f"{r['ratio']}× ZeRO-0's peak (ZeRO-3, {next(iter(r['stages_by_ranks']))} ranks; paper "
-             f"{z3.get('expected_vs_zero0')}×; measured MB {_n(over, 2)}× the paper's)")
+    ranks, first = next(iter(r["stages_by_ranks"].items()))
+    z3 = first["zero3"]
+    over = z3["peak_tensor_mb"] / z3["expected_state_mb"]
+    ratio = (f"{over:.2f}× the ZeRO paper's model-state MB (ZeRO-3, {ranks} ranks); {z3['peak_vs_zero0']}× ZeRO-0's "
+             f"measured peak (paper {z3['expected_vs_zero0']}×)")
     return text, ratio
 
 
