@@ -59,6 +59,7 @@ class TokenLoader:
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
         # per position of the rank's order: the window's shard and its index inside that shard (see rank_order)
         self._order_shard, self._order_local = np.empty(0, dtype=np.int32), np.empty(0, dtype=np.int64)
+        self._run_end = np.empty(0, dtype=np.int32)
         # each shard as a (windows, block_size + 1) strided view (no copy): a batch from one shard is then
         # a single fancy-indexed gather instead of one slice copy per row
         self._views = [np.lib.stride_tricks.as_strided(s, shape=(int(n), block_size + 1),
@@ -77,12 +78,17 @@ class TokenLoader:
             np.random.default_rng([self.seed, epoch]).shuffle(order)
             used = self.samples_per_rank * self.world_size
             self._order = np.ascontiguousarray(order[self.rank:used:self.world_size])
-            # located once per epoch rather than per batch (12 more bytes per window): the per-batch cost is what
+            # located once per epoch rather than per batch (16 more bytes per window): the per-batch cost is what
             # the training step waits on
             ids = self._order.astype(np.int64)
             shard = np.searchsorted(self._offsets, ids, side="right") - 1
             self._order_local = ids - self._offsets[shard]
             self._order_shard = shard.astype(np.int32)
+            # _run_end[p]: where the run of same-shard windows that holds position p ends, so "is this batch
+            # from one shard" is one comparison
+            starts = np.flatnonzero(np.diff(shard)) + 1
+            ends = np.append(starts, len(shard)).astype(np.int32)
+            self._run_end = np.repeat(ends, np.diff(np.concatenate([[0], ends])))
             self._order_epoch = epoch
         return self._order
 
@@ -103,6 +109,13 @@ class TokenLoader:
 
     def __next__(self) -> np.ndarray:
         out = np.empty((self.batch_size, self.block_size + 1), dtype=np.int64)
+        position, end = self.position, self.position + self.batch_size
+        if self._order_epoch == self.epoch and end < self.samples_per_rank:  # the common case: inside the epoch
+            rows = slice(position, end)
+            self._gather(self._order_shard[rows], self._order_local[rows], self._run_end[position] >= end, out)
+            self.last_window_ids = self._order[rows].tolist()
+            self.position = end
+            return out
         filled = 0
         window_ids = []
         while filled < self.batch_size:
@@ -110,7 +123,8 @@ class TokenLoader:
             position = self.position
             take = min(self.batch_size - filled, self.samples_per_rank - position)
             rows = slice(position, position + take)
-            self._gather(self._order_shard[rows], self._order_local[rows], out[filled : filled + take])
+            one_shard = self._run_end[position] >= position + take
+            self._gather(self._order_shard[rows], self._order_local[rows], one_shard, out[filled : filled + take])
             window_ids.append(order[rows])
             filled += take
             self.position += take
@@ -119,11 +133,10 @@ class TokenLoader:
         self.last_window_ids = (window_ids[0] if len(window_ids) == 1 else np.concatenate(window_ids)).tolist()
         return out
 
-    def _gather(self, shard: np.ndarray, local: np.ndarray, out: np.ndarray) -> None:
+    def _gather(self, shard: np.ndarray, local: np.ndarray, one_shard: bool, out: np.ndarray) -> None:
         """Copy windows (shard[i], local[i]) into the rows of out, casting uint16 -> int64 on the way."""
-        first = int(shard[0])
-        if len(self.shards) == 1 or (shard == first).all():
-            out[...] = self._views[first][local]  # one gather from the strided view: (rows, block_size + 1)
+        if one_shard:
+            out[...] = self._views[int(shard[0])][local]  # one gather from the strided view: (rows, block_size + 1)
             return
         # rows from several shards: one concatenate writes every row's window straight into out (a row of a
         # strided view costs less to make than a slice of the shard)
