@@ -51,7 +51,9 @@ def row_cells(name: str, result: dict) -> tuple[str, str]:
     try:
         return fn(result)
     except (KeyError, TypeError, IndexError, ValueError):  # a result written before the fields its row reads
-        return f"{fallback[0]} (this result predates the fields its README row reads: rerun it)", fallback[1]
+        meaning = result.get("ratio_means") or result.get("baseline") or "see the JSON"
+        return (f"this result predates the fields its README row reads, and its ratio may mean something else than "
+                f"today's benchmark: rerun it ({BENCHMARKS[name][1]})", f"{fallback[1]} (as it then meant: {meaning})")
 
 
 def command(name: str, result: dict | None) -> str:

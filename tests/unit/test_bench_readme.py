@@ -41,7 +41,7 @@ def test_a_benchmark_without_wording_falls_back_to_its_readme_row_then_its_descr
 
 def test_a_result_older_than_its_row_says_so_instead_of_failing():
     cells = readme.row_cells("dedup", {"ratio": 7.75, "lmforge": {}})
-    assert "rerun it" in cells[0] and cells[1] == "7.75×"
+    assert "rerun it" in cells[0] and cells[1].startswith("7.75× (as it then meant")
 
 
 def test_rows_name_the_baseline_and_mark_a_missed_target():
