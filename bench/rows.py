@@ -205,8 +205,10 @@ def dedup_row(r: dict) -> tuple[str, str]:
             f"(random edits, not filtered by any detector; true Jaccard p5/p50 {p['near_jaccard_p5_p50_p95'][0]}/"
             f"{p['near_jaccard_p5_p50_p95'][1]}) and {p['hard_negative_pairs']:,} hard negatives (Jaccard 0.6–0.8); both "
             f"with {prm['bands']}×{prm['rows']} bands, {prm['num_perm']} permutations, exact-Jaccard verification at "
-            f"{prm['threshold']}: lmforge {_k(ours['docs_per_s'])} docs/s, {quality(ours)}; datasketch {_k(ds['docs_per_s'])} "
-            f"docs/s, {quality(ds)}; exact dedup {_k(r['exact']['docs_per_s'])} docs/s")
+            f"{prm['threshold']}, median (min–max) of {r['repeats']} runs: lmforge {_k(ours['docs_per_s'])} docs/s "
+            f"({_span(ours['docs_per_s_min_max'])}, peak RSS {_n(ours['peak_rss_mb'])} MB), {quality(ours)}; datasketch "
+            f"{_k(ds['docs_per_s'])} docs/s ({_span(ds['docs_per_s_min_max'])}, peak RSS {_n(ds['peak_rss_mb'])} MB), "
+            f"{quality(ds)}; exact dedup {_k(r['exact']['docs_per_s'])} docs/s")
     return text, (f"{r['ratio']}× datasketch MinHashLSH with the same bands×rows + verification, docs/s "
                   f"(target ≥ 3×: {_met(r['ratio'] >= 3)})")
 
