@@ -74,6 +74,9 @@ def render_table(results: dict[str, dict], stale: dict[str, str]) -> str:
             cells = row_cells(name, result)
         label = f"{name} *(stale)*" if name in stale and result is not None else name
         lines.append("| " + " | ".join(_cell(c) for c in (label, f"`{command(name, result)}`", *cells)) + " |")
+    notes = [f"- {name}: {_cell(reason)}" for name, reason in stale.items() if name in results]
+    if notes:
+        lines += ["", "Why the *(stale)* rows are stale (bench/results/STALE.json):", "", *notes]
     return "\n".join(lines)
 
 
