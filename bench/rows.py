@@ -310,12 +310,11 @@ def demo_block(r: dict) -> str:
     date = r.get("date", "?")
     head = (f"**The demo figures** (`python -m bench pipeline -c {cfg}`, {r.get('machine', {}).get('cpus', '?')} vCPUs, {date}"
             f", commit {str(r.get('provenance', {}).get('commit', '?'))[:9]})")
-    if cfg != "default":
-        head += (f". *These come from the `{cfg}` config, not the demo's `default`: `python -m bench pipeline -c default` "
-                 "(about 11 minutes) records the demo's own.*")
+    note = "" if cfg == "default" else (f" *These come from the `{cfg}` config, not the demo's `default`: `python -m bench "
+                                        "pipeline -c default` (about 11 minutes) records the demo's own.*")
     acc, tok, tr = r.get("accounting"), r.get("tokens"), r.get("training")
     if not acc or not tok or not tr:
-        return head + " The result predates the accounting fields; rerun the benchmark for the full figures."
+        return head + "." + note + " The result predates the accounting fields; rerun the benchmark for the full figures."
     dup = (f"{acc['read']:,} records read → {acc['documents']:,} documents ({acc['quarantined']:,} quarantined) → "
            f"{acc['kept']:,} kept ({acc['exact_duplicates']:,} exact duplicates, {acc['near_duplicates']:,} near duplicates, "
            f"{acc['quality_drops']:,} quality drops, {acc['contaminated']:,} contaminating an eval set)")
@@ -324,9 +323,9 @@ def demo_block(r: dict) -> str:
             f"{m.get('n_layer')}-layer, {m.get('n_embd')}-wide model ({tr['params'] / 1e6:.2f}M parameters incl. embeddings) "
             f"trained for {tr['steps']:,} steps, {tr['tokens'] / 1e6:.2f}M tokens, at {_n(tr['tokens_per_s'])} tokens/s "
             f"({tr.get('precision')}, ZeRO-{tr.get('zero_stage')}); the spike gate vetoed {tr['vetoed_steps']} steps "
-            f"({tr['rollbacks']} rollbacks).")
+            f"({tr['rollbacks']} rollbacks).{note}")
     rows = [
-        ("`lmforge run` wall time, cold workspace (incl. corpus download and the temporary Prefect server)",
+        ("`lmforge run` wall time, cold workspace (incl. fetching the corpus and the temporary Prefect server)",
          f"{_n(r['cold_run_s'], 1)} s ({_n(r['cold_run_s'] / 60, 1)} min)"),
         ("validation bits per byte: trained vs untrained",
          f"**{r['val_bpb']:.3f}** vs {r['untrained_val_bpb']:.3f} (perplexity {_n(r.get('val_perplexity'), 1)})"),
