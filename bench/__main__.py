@@ -1,6 +1,6 @@
 """`python -m bench` lists the benchmarks; `python -m bench NAME [options]` runs one; `python -m bench all`
-runs every one in turn (those that need CUDA are skipped, saying so, where there is none); `python -m bench
-readme` rewrites the README's results blocks from the JSONs.
+runs every one in turn (those that need CUDA are skipped, saying so, where there is none; `--skip a,b`,
+`--dry-run`); `python -m bench readme` rewrites the README's results blocks from the JSONs.
 
 Each writes bench/results/NAME.json whose top-level `ratio` compares it with its baseline, stamped with its
 provenance (bench/provenance.py: the commit, a digest of the sources it measures, the machine, the load),
@@ -94,6 +94,7 @@ def run_all(argv: list[str]) -> int:
     import torch
 
     skip = set(argv[argv.index("--skip") + 1].split(",")) if "--skip" in argv else set()
+    dry_run = "--dry-run" in argv  # print the plan only
     cuda = torch.cuda.is_available()
     failed = []
     for name in BENCHMARKS:
@@ -105,10 +106,14 @@ def run_all(argv: list[str]) -> int:
             continue
         options, env = ALL_RUNS.get(name, ([], {}))
         print(f"== {name}: python -m bench {shlex.join([name, *options])}", flush=True)
+        if dry_run:
+            continue
         done = subprocess.run([sys.executable, "-m", "bench", name, *options], env={**os.environ, **env},
                               cwd=Path(__file__).resolve().parents[1])
         if done.returncode != 0:
             failed.append(name)
+    if dry_run:
+        return 0
     from bench.readme import README, rewrite
 
     print(f"{README}: {'rewritten' if rewrite() else 'already up to date'}")

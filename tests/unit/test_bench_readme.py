@@ -59,3 +59,21 @@ def test_the_demo_block_says_which_config_it_comes_from():
     block = rows.demo_block(result)
     assert f"-c {result['config']}" in block
     assert ("not the demo's `default`" in block) == (result["config"] != "default")
+
+
+def test_bench_all_runs_every_benchmark_and_skips_the_cuda_ones_without_a_gpu(capsys):
+    import torch
+
+    from bench.__main__ import NEEDS_CUDA, main
+
+    assert main(["all", "--dry-run", "--skip", "serve"]) == 0
+    out = capsys.readouterr().out
+    for name in BENCHMARKS:
+        line = next(line for line in out.splitlines() if line.startswith(f"== {name}:"))
+        if name == "serve":
+            assert "skipped (--skip)" in line
+        elif name in NEEDS_CUDA and not torch.cuda.is_available():
+            assert "skipped, no CUDA device" in line
+        else:
+            assert f"python -m bench {name}" in line
+    assert "python -m bench pipeline -c default" in out  # the demo's figures come from the default config
