@@ -105,7 +105,8 @@ def run_all(argv: list[str]) -> int:
             print(f"== {name}: skipped, no CUDA device (run `python -m bench {name}` on a machine with one)", flush=True)
             continue
         options, env = ALL_RUNS.get(name, ([], {}))
-        print(f"== {name}: python -m bench {shlex.join([name, *options])}", flush=True)
+        prefix = "".join(f"{k}={v} " for k, v in env.items())
+        print(f"== {name}: {prefix}python -m bench {shlex.join([name, *options])}", flush=True)
         if dry_run:
             continue
         done = subprocess.run([sys.executable, "-m", "bench", name, *options], env={**os.environ, **env},
