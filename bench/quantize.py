@@ -73,7 +73,7 @@ def run(argv: list[str]) -> dict:
     p.add_argument("--workspace", default="workspace", help="where LATEST_EXPORT is (default: ./workspace)")
     p.add_argument("--steps", type=int, default=300, help="training steps when there is no export to use")
     p.add_argument("--new-tokens", type=int, default=128, help="greedy decode length per timed run")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=11, help="alternating decode runs per dtype (each about 0.5 s)")
     p.add_argument("--max-windows", type=int, default=200, help="val windows for bits per byte")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
