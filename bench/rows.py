@@ -69,9 +69,11 @@ def train_step_row(r: dict) -> tuple[str, str]:
 def zero_memory_row(r: dict) -> tuple[str, str]:
     parts = []
     for ranks, stages in r["stages_by_ranks"].items():
-        cells = [f"ZeRO-{name[-1]} {_n(s['peak_tensor_mb'])} (paper {_n(s['expected_state_mb'])})" for name, s in stages.items()]
+        cells = [f"ZeRO-{name[-1]} {_n(s['peak_tensor_mb'])} (paper "
+                 + (f"{s['paper_bytes_per_param']:g} B/param → " if "paper_bytes_per_param" in s else "")
+                 + f"{_n(s['expected_state_mb'])})" for name, s in stages.items()]
         rss = [max(s["peak_rss_mb_per_rank"]) for s in stages.values()]
-        parts.append(f"{ranks} ranks: " + ", ".join(cells) + " MB; whole-run peak RSS per rank "
+        parts.append(f"{ranks} ranks: " + ", ".join(cells) + " MB; whole-run peak RSS of the largest rank, ZeRO 0/1/2/3: "
                      + " / ".join(_n(x) for x in rss) + " MB")
     text = (f"{r.get('precision')}, {_n(r['params'] / 1e6, 1)}M params, micro batch 1 × 64 tokens; peak tensor memory per "
             "rank during steps (profiler-counted allocations, like `max_memory_allocated`) next to the ZeRO paper's "
