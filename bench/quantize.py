@@ -42,12 +42,21 @@ def _export(args) -> tuple[Path, str]:
     ws = Path(args.workspace).resolve()
     latest = ws / "LATEST_EXPORT"
     if latest.is_file():
-        return Path(latest.read_text().strip()), f"the latest export of workspace {ws.name}/"
+        export = Path(latest.read_text().strip())
+        return export, f"the latest export in {ws.name}/ ({_trained_as(export)})"
     print(f"no export in {ws}: training one there (default config, {args.steps} steps)", flush=True)
     cmd = [sys.executable, "-m", "flows.cli", "run", "-c", "default", "--no-prefect", "--workspace", str(ws),
            f"train.max_steps={args.steps}", f"train.checkpoint_every={args.steps}"]
     subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
     return Path(latest.read_text().strip()), f"the default config trained for {args.steps} steps"
+
+
+def _trained_as(export: Path) -> str:
+    """'the default config trained for 200 steps', read from the export's lineage and its pretrain manifest."""
+    lineage = json.loads((export / "config.json").read_text()).get("lineage", {})
+    manifest = export.resolve().parents[1] / "pretrain" / str(lineage.get("lmforge.pretrain_key")) / "manifest.json"
+    steps = json.loads(manifest.read_text())["metrics"].get("steps") if manifest.is_file() else "?"
+    return f"the {lineage.get('lmforge.config_name', '?')} config trained for {steps} steps"
 
 
 def _val_split(export: Path, tok: Tokenizer) -> list:
