@@ -70,6 +70,10 @@ def main(argv: list[str]) -> int:
     result = importlib.import_module(BENCHMARKS[name][0]).run(rest)
     if not result:  # a worker process of a benchmark, or a run that wrote its result elsewhere
         return 0
+    if "--smoke" in rest:  # a check that the script runs (gpu, generate --device on CPU), not a result to keep
+        print(json.dumps(result, indent=2))
+        print(f"--smoke: nothing written to {RESULTS}")
+        return 0
     result["command"] = (f"OMP_NUM_THREADS={omp} " if omp else "") + shlex.join(["python", "-m", "bench", name, *rest])
     result["provenance"] = stamp(name, load_before)
     RESULTS.mkdir(parents=True, exist_ok=True)
