@@ -5,7 +5,7 @@ weights exported as a Llama directory (greedy, same prompt, tokens compared).
 
 The model is built in-process: a SentencePiece tokenizer trained on stdlib source and a GPT with random
 (untied, so greedy does not just repeat a token) weights; speed does not depend on what it learned.
-One thread, variants alternated within each repeat, medians reported.
+One thread, variants alternated within each repeat; medians reported with the spread (min–max) of the repeats.
 
 `--device cuda` runs the GPU comparison instead (bench/generate_device.py: a 124M-shape model in bf16, the
 compiled fixed-shape decode step vs transformers, batch 1 and 32); `--device cpu --smoke` checks that path.
@@ -52,6 +52,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _min_max(tokens: int, seconds: list[float]) -> list[float]:
+    """Tokens/s of the slowest and the fastest repeat."""
+    return [round(tokens / max(seconds), 1), round(tokens / min(seconds), 1)]
+
+
 def _timed(fn) -> tuple[float, object]:
     started = time.perf_counter()
     out = fn()
@@ -61,7 +66,7 @@ def _timed(fn) -> tuple[float, object]:
 def run(argv: list[str]) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench generate")
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 512], help="new tokens per run")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch", type=int, default=8, help="prompts in the batched-vs-sequential comparison")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     p.add_argument("--device", default="cpu", help="cuda: the GPU comparison of bench/generate_device.py")
@@ -101,6 +106,8 @@ def run(argv: list[str]) -> dict:
             "new_tokens": n,
             "kv_cache_tokens_per_s": round(n / med["kv_cache"], 1),
             "recompute_tokens_per_s": round(n / med["recompute"], 1),
+            "kv_cache_tokens_per_s_min_max": _min_max(n, times["kv_cache"]),
+            "recompute_tokens_per_s_min_max": _min_max(n, times["recompute"]),
             "speedup": round(med["recompute"] / med["kv_cache"], 2),
             "identical_tokens": outputs["kv_cache"] == outputs["recompute"],
             "seconds": {k: [round(s, 4) for s in v] for k, v in times.items()},
@@ -111,6 +118,7 @@ def run(argv: list[str]) -> dict:
         "ratio": cases[str(longest)]["speedup"],
         "baseline": f"recomputing the full sequence every step (no KV cache), {longest} new tokens, batch 1, greedy",
         "target": ">= 5x at 512 new tokens",
+        "repeats": args.repeats,
         "model": {**MODEL, "vocab_size": model.cfg.vocab_size, "params": sum(t.numel() for t in model.parameters())},
         "prompt_tokens": len(prompt),
         "cases": cases,
@@ -142,6 +150,8 @@ def _batched(model: GPT, tok: Tokenizer, batch: int, repeats: int) -> dict:
         "new_tokens_each": greedy.max_new_tokens,
         "batched_tokens_per_s": round(tokens / med["batched"], 1),
         "one_by_one_tokens_per_s": round(tokens / med["one_by_one"], 1),
+        "batched_tokens_per_s_min_max": _min_max(tokens, times["batched"]),
+        "one_by_one_tokens_per_s_min_max": _min_max(tokens, times["one_by_one"]),
         "speedup": round(med["one_by_one"] / med["batched"], 2),
         "identical_tokens": batched == single,
     }
@@ -178,6 +188,8 @@ def _vs_transformers(model: GPT, model_dir: Path, prompt: list[int], args) -> di
         out[str(n)] = {
             "lmforge_tokens_per_s": round(n / med["lmforge"], 1),
             "transformers_tokens_per_s": round(n / med["transformers"], 1),
+            "lmforge_tokens_per_s_min_max": _min_max(n, times["lmforge"]),
+            "transformers_tokens_per_s_min_max": _min_max(n, times["transformers"]),
             "ratio": round(med["transformers"] / med["lmforge"], 2),
             "identical_tokens": ours == theirs,
             "matching_prefix": same,

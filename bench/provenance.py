@@ -28,6 +28,7 @@ SOURCES: dict[str, list[str]] = {
     "gpu": _TRAINING,
     "stability": _TRAINING + ["pipelines/stages/*.py", "pipelines/data/*.py", "configs/tiny.yaml", "configs/default.yaml"],
     "generate": _GENERATION + ["lm_core/hf_export.py"],
+    "generate_cuda": _GENERATION + ["lm_core/hf_export.py", "lm_core/quantize.py", "bench/generate.py", "bench/generate_device.py"],
     "serve": _GENERATION + ["pipelines/apps/serving.py", "pipelines/apps/openai_*.py"],
     "quantize": _GENERATION + ["lm_core/quantize.py", "lm_core/evaluation.py"],
     "tokenize": ["lm_core/tokenizer.py", "lm_core/shards.py", "pipelines/stages/shard.py"],

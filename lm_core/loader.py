@@ -57,6 +57,14 @@ class TokenLoader:
             )
         self.epoch, self.position = 0, 0
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
+        # per position of the rank's order: the window's shard and its index inside that shard (see rank_order)
+        self._order_shard, self._order_local = np.empty(0, dtype=np.int32), np.empty(0, dtype=np.int64)
+        self._run_end = np.empty(0, dtype=np.int32)
+        # each shard as a (windows, block_size + 1) strided view (no copy): a batch from one shard is then
+        # a single fancy-indexed gather instead of one slice copy per row
+        self._views = [np.lib.stride_tricks.as_strided(s, shape=(int(n), block_size + 1),
+                                                       strides=(block_size * s.strides[0], s.strides[0]), writeable=False)
+                       for s, n in zip(shards, counts)]
         self.last_window_ids: list[int] = []  # the windows of the last batch, in row order
 
     # --- order ------------------------------------------------------------------------------------
@@ -70,6 +78,17 @@ class TokenLoader:
             np.random.default_rng([self.seed, epoch]).shuffle(order)
             used = self.samples_per_rank * self.world_size
             self._order = np.ascontiguousarray(order[self.rank:used:self.world_size])
+            # located once per epoch rather than per batch (16 more bytes per window): the per-batch cost is what
+            # the training step waits on
+            ids = self._order.astype(np.int64)
+            shard = np.searchsorted(self._offsets, ids, side="right") - 1
+            self._order_local = ids - self._offsets[shard]
+            self._order_shard = shard.astype(np.int32)
+            # _run_end[p]: where the run of same-shard windows that holds position p ends, so "is this batch
+            # from one shard" is one comparison
+            starts = np.flatnonzero(np.diff(shard)) + 1
+            ends = np.append(starts, len(shard)).astype(np.int32)
+            self._run_end = np.repeat(ends, np.diff(np.concatenate([[0], ends])))
             self._order_epoch = epoch
         return self._order
 
@@ -90,28 +109,39 @@ class TokenLoader:
 
     def __next__(self) -> np.ndarray:
         out = np.empty((self.batch_size, self.block_size + 1), dtype=np.int64)
+        position, end = self.position, self.position + self.batch_size
+        if self._order_epoch == self.epoch and end < self.samples_per_rank:  # the common case: inside the epoch
+            rows = slice(position, end)
+            self._gather(self._order_shard[rows], self._order_local[rows], self._run_end[position] >= end, out)
+            self.last_window_ids = self._order[rows].tolist()
+            self.position = end
+            return out
         filled = 0
-        self.last_window_ids = []
+        window_ids = []
         while filled < self.batch_size:
             order = self.rank_order(self.epoch)
-            take = min(self.batch_size - filled, self.samples_per_rank - self.position)
-            self._gather(order[self.position : self.position + take], out[filled : filled + take])
-            self.last_window_ids.extend(order[self.position : self.position + take].tolist())
+            position = self.position
+            take = min(self.batch_size - filled, self.samples_per_rank - position)
+            rows = slice(position, position + take)
+            one_shard = self._run_end[position] >= position + take
+            self._gather(self._order_shard[rows], self._order_local[rows], one_shard, out[filled : filled + take])
+            window_ids.append(order[rows])
             filled += take
             self.position += take
             if self.position == self.samples_per_rank:
                 self.epoch, self.position = self.epoch + 1, 0
+        self.last_window_ids = (window_ids[0] if len(window_ids) == 1 else np.concatenate(window_ids)).tolist()
         return out
 
-    def _gather(self, window_ids: np.ndarray, out: np.ndarray) -> None:
-        window_ids = window_ids.astype(np.int64)  # the offsets' dtype: searchsorted then needs no cast
-        shard_idx = np.searchsorted(self._offsets, window_ids, side="right") - 1
-        starts = (window_ids - self._offsets[shard_idx]) * self.block_size
-        span = self.block_size + 1
-        shards = self.shards
-        # one slice copy (with the uint16 -> int64 cast) per row; no per-token Python work
-        for row, (k, start) in enumerate(zip(shard_idx.tolist(), starts.tolist())):
-            out[row] = shards[k][start : start + span]
+    def _gather(self, shard: np.ndarray, local: np.ndarray, one_shard: bool, out: np.ndarray) -> None:
+        """Copy windows (shard[i], local[i]) into the rows of out, casting uint16 -> int64 on the way."""
+        if one_shard:
+            out[...] = self._views[int(shard[0])][local]  # one gather from the strided view: (rows, block_size + 1)
+            return
+        # rows from several shards: one concatenate writes every row's window straight into out (a row of a
+        # strided view costs less to make than a slice of the shard)
+        views = self._views
+        np.concatenate([views[k][w] for k, w in zip(shard.tolist(), local.tolist())], out=out.reshape(-1))
 
     # --- state ------------------------------------------------------------------------------------
 

@@ -146,13 +146,25 @@ def encode_documents(tok: Tokenizer, writer: ShardWriter, batches: Iterable[list
     """Encode batches of (doc_id, text) into the writer, in order.
 
     SentencePiece encodes each batch on num_threads threads outside the GIL and hands back one numpy
-    array per document, so no Python code runs per token.
+    array per document, so no Python code runs per token. Batch k+1 is encoding while this thread writes
+    batch k and reads the next from `batches` (a DuckDB cursor in the shard stage): the encoder never
+    waits for the reads and writes, and its threads' uneven finish at a batch's end overlaps other work.
     """
-    for batch in batches:
-        doc_ids = [doc_id for doc_id, _ in batch]
+    from concurrent.futures import ThreadPoolExecutor
+
+    def encode(batch: list[tuple[str, str]]) -> tuple[list[np.ndarray], list[int], list[str]]:
         texts = [text for _, text in batch]
-        num_bytes = [len(text.encode("utf-8")) for text in texts]
-        writer.add_batch(tok.encode_arrays(texts, num_threads), num_bytes, doc_ids)
+        return tok.encode_arrays(texts, num_threads), [len(t.encode("utf-8")) for t in texts], [d for d, _ in batch]
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
+        pending = None
+        for batch in batches:
+            encoding = pool.submit(encode, batch)
+            if pending is not None:
+                writer.add_batch(*pending.result())
+            pending = encoding
+        if pending is not None:
+            writer.add_batch(*pending.result())
 
 
 def write_index(out_dir: Path, shards: list[ShardInfo], tokenizer_sha256: str, vocab_size: int) -> dict:

@@ -190,3 +190,13 @@ def test_last_window_ids_locate_the_rows_of_the_last_batch():
         for row, window_id in zip(batch, loader.last_window_ids):
             k, start = loader.locate(window_id)
             assert (row == shards[k][start : start + T + 1]).all()
+
+
+@pytest.mark.parametrize("sizes", [(201,), (41, 33, 29)], ids=["one shard: one gather", "several shards: row by row"])
+def test_batches_hold_exactly_the_windows_they_name(sizes):
+    shards = shards_of(*sizes)
+    loader = TokenLoader(shards, T, batch_size=7, seed=4)
+    for _ in range(12):  # several epochs, batches across their boundaries
+        batch = next(loader)
+        expected = np.stack([loader.window(w) for w in loader.last_window_ids]).astype(np.int64)
+        np.testing.assert_array_equal(batch, expected)
