@@ -191,13 +191,30 @@ class RegisterConfig:
 @dataclass
 class FlowConfig:
     """How the Prefect flow runs its tasks. Not part of any key: the results do not depend on it."""
-    task_runner: Literal["default", "dask"] = "default"  # dask: ingest's per-file partitions fan out on a Dask LocalCluster
+    # dask: ingest's partitions and dedup's MinHash partitions, band ranges and verification run as Dask tasks,
+    # on the cluster at dask_address (or dask_scheduler_file), else on a LocalCluster of dask_workers started here
+    task_runner: Literal["default", "dask"] = "default"
     dask_workers: int = 2
     dask_processes: bool = True  # False: Dask worker threads inside the flow's process (cheap; tests)
+    dask_address: str | None = None  # an existing scheduler, e.g. tcp://10.0.0.5:8786 (infra/docker-compose.dask.yml)
+    dask_scheduler_file: str | None = None  # or the JSON file `dask scheduler --scheduler-file` writes
+    # default runner: worker processes for dedup's near-dup partitions and DuckDB threads of the data stages;
+    # null: one process, DuckDB's own thread count (as before)
+    data_workers: int | None = None
 
     def validate(self) -> None:
         if self.dask_workers < 1:
             raise ConfigError(f"flow.dask_workers={self.dask_workers} must be >= 1")
+        if self.data_workers is not None and self.data_workers < 1:
+            raise ConfigError(f"flow.data_workers={self.data_workers} must be >= 1, or null for one process")
+        if self.dask_address and self.dask_scheduler_file:
+            raise ConfigError("flow.dask_address and flow.dask_scheduler_file are both set; choose one")
+        if (self.dask_address or self.dask_scheduler_file) and self.task_runner != "dask":
+            raise ConfigError(f"flow.dask_address/dask_scheduler_file is set but flow.task_runner={self.task_runner}; "
+                              "set flow.task_runner=dask to run on that cluster")
+        if self.dask_address and "://" not in self.dask_address:
+            raise ConfigError(f"flow.dask_address={self.dask_address} is not a scheduler address; "
+                              "write it as tcp://HOST:8786")
 
 
 @dataclass

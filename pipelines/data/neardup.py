@@ -173,18 +173,24 @@ def candidate_pairs(con: Any, idx: np.ndarray, bands: np.ndarray, max_bucket: in
     if reference_sql:
         rows += f" UNION ALL SELECT bucket, idx FROM ({reference_sql})"
     try:
-        # shared buckets first (a hash aggregate), then pairs only within them
-        pairs = con.execute(
-            f"""WITH r AS ({rows}),
-                    g AS (SELECT bucket, count(*) AS n, min(idx) AS first FROM r GROUP BY bucket HAVING count(*) > 1),
-                    m AS (SELECT r.bucket, r.idx, g.n, g.first FROM r JOIN g USING (bucket))
-               SELECT DISTINCT x.idx AS a, y.idx AS b FROM m x JOIN m y ON x.bucket = y.bucket AND x.idx < y.idx
-                 WHERE x.n <= ?
-               UNION
-               SELECT first AS a, idx AS b FROM m WHERE n > ? AND idx <> first""",
-            [max_bucket, max_bucket]).fetchnumpy()
+        return bucket_pairs(con, rows, [], max_bucket)
     finally:
         con.unregister("lsh_new")
+
+
+def bucket_pairs(con: Any, rows_sql: str, params: list, max_bucket: int) -> np.ndarray:
+    """(C, 2) int64 distinct pairs (a < b) of idx sharing a bucket among the rows of `rows_sql` (bucket, idx).
+    Shared buckets first (a hash aggregate), then pairs only within them; a bucket with more than
+    `max_bucket` members pairs each member with its first (smallest idx) only."""
+    pairs = con.execute(
+        f"""WITH r AS ({rows_sql}),
+                g AS (SELECT bucket, count(*) AS n, min(idx) AS first FROM r GROUP BY bucket HAVING count(*) > 1),
+                m AS (SELECT r.bucket, r.idx, g.n, g.first FROM r JOIN g USING (bucket))
+           SELECT DISTINCT x.idx AS a, y.idx AS b FROM m x JOIN m y ON x.bucket = y.bucket AND x.idx < y.idx
+             WHERE x.n <= ?
+           UNION
+           SELECT first AS a, idx AS b FROM m WHERE n > ? AND idx <> first""",
+        [*params, max_bucket, max_bucket]).fetchnumpy()
     return np.stack([pairs["a"].astype(np.int64), pairs["b"].astype(np.int64)], axis=1) if len(pairs["a"]) else np.zeros((0, 2), np.int64)
 
 

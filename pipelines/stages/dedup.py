@@ -18,7 +18,10 @@ report (pipelines.data.data_report) is written beside its output.
 from __future__ import annotations
 
 import json
+import shutil
 import time
+import uuid
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,9 @@ import pyarrow as pa
 from pipelines.config import PipelineConfig
 from pipelines.data import catalog, data_report, decontam, incremental
 from pipelines.data.neardup import find_near_duplicates
+from pipelines.data.neardup_partitioned import find_near_duplicates_partitioned
 from pipelines.data.quality import STATS_SQL, reason_sql
+from pipelines.data.task_pool import TaskPool, task_pool
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
 STAGE, VERSION = "dedup", "3"  # 3: the earliest copy in source order is kept (numeric line/row/chunk)
@@ -43,8 +48,10 @@ def run(cfg: PipelineConfig, ws: Workspace, ingest: StageResult, force: bool = F
 
     def build(out: Path) -> dict:
         timings: dict[str, float] = {}
-        with ws.duckdb() as con:
+        with ws.duckdb() as con, (task_pool(cfg.flow) if partitioned(cfg) else nullcontext()) as pool:
             catalog.ensure_schema(con)
+            if cfg.flow.data_workers:
+                con.execute(f"SET threads = {int(cfg.flow.data_workers)}")
             con.begin()
             con.execute("DELETE FROM doc_status WHERE dedup_key = ?", [dedup_key])
             t = time.perf_counter()
@@ -59,7 +66,8 @@ def run(cfg: PipelineConfig, ws: Workspace, ingest: StageResult, force: bool = F
             _exact(con)
             timings["exact_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            near, result = _near(con, snapshot, cfg, base) if cfg.dedup.method == "near" else ({}, None)
+            near, result = _near(con, snapshot, cfg, base, pool, ws.artifacts / STAGE / ".work" / f"{dedup_key}-{uuid.uuid4().hex[:8]}") \
+                if cfg.dedup.method == "near" else ({}, None)
             timings["near_s"] = time.perf_counter() - t
             _write_status(con, dedup_key, snapshot)
             if cfg.dedup.incremental:
@@ -150,7 +158,14 @@ def _exact(con: Any) -> None:
     con.execute("CREATE OR REPLACE TEMP TABLE dedup_near (idx BIGINT, survivor BIGINT)")
 
 
-def _near(con: Any, snapshot: str, cfg: PipelineConfig, base: tuple[str, str] | None) -> tuple[dict, Any]:
+def partitioned(cfg: PipelineConfig) -> bool:
+    """Near-dup runs as partition tasks (pipelines.data.neardup_partitioned, same result) on a Dask cluster
+    or on flow.data_workers local processes; else in this process as one piece."""
+    return cfg.flow.task_runner == "dask" or cfg.flow.data_workers is not None
+
+
+def _near(con: Any, snapshot: str, cfg: PipelineConfig, base: tuple[str, str] | None, pool: TaskPool | None,
+          work: Path) -> tuple[dict, Any]:
     """dedup_near: (idx, survivor idx) for each near duplicate among the exact survivors."""
     con.execute(
         """CREATE OR REPLACE TEMP TABLE dedup_near_input AS
@@ -167,8 +182,15 @@ def _near(con: Any, snapshot: str, cfg: PipelineConfig, base: tuple[str, str] | 
                        SELECT w.idx, d.text FROM dedup_work w JOIN documents d ON d.doc_id = w.doc_id
                        WHERE d.snapshot = '{}' AND w.is_ref""".format(snapshot.replace("'", "")))
         ref_bands, ref_texts = "SELECT idx, band, bucket FROM dedup_ref_bands", "SELECT idx, text FROM dedup_ref_texts"
-    result = find_near_duplicates(con, "SELECT idx, text FROM dedup_near_input", n_docs, cfg.dedup.near,
-                                  n_reference=n_ref, reference_bands_sql=ref_bands, reference_text_sql=ref_texts)
+    refs = {"n_reference": n_ref, "reference_bands_sql": ref_bands, "reference_text_sql": ref_texts}
+    if pool is None:
+        result = find_near_duplicates(con, "SELECT idx, text FROM dedup_near_input", n_docs, cfg.dedup.near, **refs)
+    else:
+        try:
+            result = find_near_duplicates_partitioned(con, "SELECT idx, text FROM dedup_near_input", n_docs, cfg.dedup.near,
+                                                      pool, work, with_bands=cfg.dedup.incremental, **refs)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     if len(result.dropped):
         con.register("near_batch", pa.table({"idx": result.dropped.astype(np.int64),
                                              "survivor": result.survivor.astype(np.int64)}))
