@@ -55,8 +55,13 @@ class IngestConfig:
     min_chars: int = 20  # shorter documents are quarantined as too_short
     max_chars: int = 2_000_000  # longer ones as too_long
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    # files of a directory are read in groups of about this many bytes (a partition: one task, one catalog load);
+    # 1: every file is its own partition
+    partition_bytes: int = 16 << 20
 
     def validate(self) -> None:
+        if self.partition_bytes < 1:
+            raise ConfigError(f"ingest.partition_bytes={self.partition_bytes} must be >= 1 (e.g. 16777216 for 16 MiB)")
         if not self.sources:
             raise ConfigError("ingest.sources is empty; name at least one source, e.g. [{kind: shakespeare}]")
         if self.min_chars < 0:

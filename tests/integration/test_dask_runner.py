@@ -25,7 +25,8 @@ TEXTS = {f"t{i}.txt": inspect.getdoc(f) for i, f in enumerate(
 def config(root, ws, *overrides):
     sources = (f"[{{kind: text_dir, name: docs, path: {root / 'texts'}, doc_chars: 0}}, "
                f"{{kind: jsonl, name: lines, path: {root / 'lines.jsonl'}}}]")
-    return load_config("tiny", [f"workspace={ws}", f"ingest.sources={sources}", *overrides])
+    # one partition per file, so the fan-out shows one task per file
+    return load_config("tiny", [f"workspace={ws}", f"ingest.sources={sources}", "ingest.partition_bytes=1", *overrides])
 
 
 def snapshot_rows(cfg, snapshot: str) -> set[tuple]:
