@@ -27,6 +27,8 @@ BENCHMARKS = {
     "gpu": ("bench.gpu", "CUDA, 124M bf16: the engine (ZeRO 0-3, fp16, fp32) vs a plain compiled loop; ratio = engine ZeRO-1 / plain"),
     "stability": ("bench.stability", "spike gate: vetoed steps on healthy runs, detection of injected faults; ratio = FPs now / before"),
     "dedup": ("bench.dedup", "near-dup docs/s, recall/precision on planted pairs; ratio = vs datasketch MinHash+LSH"),
+    "data_scale": ("bench.data_scale", "ingest files/s + MB/s, exact and near-dup docs/s and RSS at 10k-1M docs, 1 and 2 "
+                                       "workers; ratio = near-dup 2 workers / 1"),
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

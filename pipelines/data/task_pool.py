@@ -63,6 +63,12 @@ def connect(address: str) -> Any:
                           f"({type(exc).__name__}); start one (infra/docker-compose.dask.yml) or unset flow.dask_address") from None
 
 
+def check_cluster(flow: Any) -> None:
+    """Before any work: the cluster that flow.dask_address / flow.dask_scheduler_file names answers."""
+    if flow.task_runner == "dask" and (address := scheduler_address(flow.dask_address, flow.dask_scheduler_file)):
+        connect(address).close()
+
+
 @contextmanager
 def task_pool(flow: Any) -> Iterator[TaskPool]:
     """The pool `flow` (a FlowConfig) asks for: a Dask cluster with flow.task_runner=dask (the one at

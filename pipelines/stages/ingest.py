@@ -34,12 +34,13 @@ from pipelines.config import ConfigError, NormalizeConfig, PipelineConfig, Sourc
 from pipelines.data import catalog, decontam
 from pipelines.data.normalize import exact_key, normalize_text
 from pipelines.data.sources import Record, check_source, read_partition, source_partitions
-from pipelines.data.task_pool import task_pool
+from pipelines.data.task_pool import check_cluster, task_pool
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
 STAGE, VERSION = "ingest", "4"  # 4: partitions are groups of files; large text files are streamed
 BATCH = 2000
-LOAD_BATCH = 256  # staged partitions loaded into the catalog per INSERT
+LOAD_BATCH = 16  # staged partitions loaded into the catalog per INSERT
+LOAD_MEMORY_LIMIT = "256MB"  # DuckDB's buffer cap while ingest loads the catalog
 DOC_SCHEMA = pa.schema([("source", pa.string()), ("uri", pa.string()), ("record_no", pa.int64()),
                         ("text", pa.string()), ("norm_hash", pa.string())])
 BAD_SCHEMA = pa.schema([("source", pa.string()), ("uri", pa.string()), ("record_no", pa.int64()),
@@ -87,10 +88,12 @@ def key(cfg: PipelineConfig, parts: list[Partition] | None = None) -> str:
 
 
 def preflight(cfg: PipelineConfig) -> None:
-    """Before any work: every source and every eval set of dedup.decontaminate can be read."""
+    """Before any work: every source and every eval set of dedup.decontaminate can be read, and the Dask
+    cluster named by flow.dask_address (which runs ingest and dedup) answers."""
     for src in cfg.ingest.sources:
         check_source(src)
     decontam.preflight(cfg.dedup.decontaminate)
+    check_cluster(cfg.flow)
 
 
 def staged_dir(ws: Workspace, partition: Partition) -> Path:
@@ -148,6 +151,9 @@ def run(cfg: PipelineConfig, ws: Workspace, force: bool = False) -> StageResult:
         loaded: list[tuple[Partition, dict]] = []
         with ws.duckdb() as con:
             catalog.ensure_schema(con)
+            # DuckDB would otherwise keep the loaded rows' pages in memory up to 80% of RAM: peak RSS grew with the
+            # corpus; with a cap it writes them out and evicts them
+            con.execute(f"SET memory_limit = '{LOAD_MEMORY_LIMIT}'")
             con.begin()
             for table in ("documents", "quarantine", "ingest_partitions"):
                 con.execute(f"DELETE FROM {table} WHERE snapshot = ?", [snapshot])

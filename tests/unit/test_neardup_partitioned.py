@@ -125,7 +125,7 @@ def test_dask_cluster_by_address_gives_the_single_process_result(planted, tmp_pa
     same(got, reference)
 
 
-def test_an_unreachable_cluster_fails_in_one_line(monkeypatch):
+def test_an_unreachable_cluster_fails_in_one_line(monkeypatch, tmp_path):
     import socket
 
     from pipelines.data import task_pool as module
@@ -138,6 +138,12 @@ def test_an_unreachable_cluster_fails_in_one_line(monkeypatch):
         with task_pool(FlowConfig(task_runner="dask", dask_address=f"tcp://127.0.0.1:{port}")):
             pass
     assert "\n" not in str(err.value)
+    from pipelines.config import load_config
+    from pipelines.stages.runner import preflight
+
+    cfg = load_config("tiny", [f"workspace={tmp_path}", "flow.task_runner=dask", f"flow.dask_address=tcp://127.0.0.1:{port}"])
+    with pytest.raises(ConfigError, match="no Dask scheduler answered"):  # before any stage runs
+        preflight(cfg)
 
 
 @pytest.mark.parametrize("flow, message", [
