@@ -1,14 +1,17 @@
 """The data stages as corpora grow: ingest of many small files, exact dedup and near-dup at 1 and 2 workers.
 
-Corpora are synthetic but made of real text, offline: paragraphs of the Python standard library's own source
-and docs as documents (pairs of them past ~300k documents), with 10% exact copies and 10% near copies (a word
-in ~60 changed) planted. Every measurement runs in a fresh process (peak RSS = that process and its worker processes).
+Corpora are synthetic but made of real text, offline: distinct paragraphs of the Python files of the standard
+library and of this environment's site-packages (~1.2M, source and docs; their own near duplicates, such as
+vendored copies, included) as documents, each used once, with 10% exact copies and 10% near copies (a word in
+~60 changed) planted. Every measurement runs in a fresh process; peak RSS is sampled from /proc (that
+process, and the sum over its worker processes).
 
   near    pipelines.data.neardup_partitioned on a DuckDB table of the corpus; 1 worker = in process,
           2 = two local worker processes (spawned inside the timed run)
   exact   the dedup stage's exact grouping (a DuckDB window over the ingest-time exact key)
   stage   the whole dedup stage (quality rules, exact, near, verdicts) on an ingested workspace
-  ingest  the ingest stage over N small text files in directories of 1,000
+  ingest  the ingest stage over N small text files (one paragraph each) in directories of 1,000, and over
+          2,000 larger files (~100 paragraphs, ~50 KB each) for MB/s
 
 ratio = near-dup docs/s with 2 workers / with 1 worker, at the largest corpus.
 """
@@ -34,26 +37,30 @@ FILLER = ("lorem", "ipsum", "quux", "zebra", "verily", "forsooth")
 
 
 def base_paragraphs() -> list[str]:
-    """Distinct paragraphs of >= 10 words from the standard library's .py files (~385k, ~200 MB)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    """Distinct paragraphs of >= 10 words from the .py files of the standard library, then of site-packages
+    (~385k + ~880k here, ~550 MB)."""
     out: dict[str, None] = {}
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" not in path.parts:
-            for p in PARAGRAPH.split(path.read_text("utf-8", "replace")):
-                if len(p.split()) >= 10:
-                    out[p.strip()] = None
+    for key in ("stdlib", "purelib"):
+        for path in sorted(Path(sysconfig.get_paths()[key]).rglob("*.py")):
+            if key == "purelib" or "site-packages" not in path.parts:
+                try:
+                    text = path.read_text("utf-8", "replace")
+                except OSError:
+                    continue
+                for p in PARAGRAPH.split(text):
+                    if len(p.split()) >= 10:
+                        out[p.strip()] = None
     return list(out)
 
 
 def documents(n: int, base: list[str], seed: int = 0) -> list[str]:
-    """n documents: 80% originals, then 10% exact and 10% near copies of them. An original is a paragraph
-    (each used once, in random order: the shape of bench dedup's corpus), and past the ~385k paragraphs
-    two paragraphs joined."""
+    """n documents: 80% originals (distinct paragraphs in random order: the shape of bench dedup's corpus),
+    then 10% exact and 10% near copies of them."""
     rng = random.Random(seed)
     n_orig = int(n * 0.8)
-    order = rng.sample(range(len(base)), min(n_orig, len(base)))
-    docs = [base[i] for i in order]
-    docs += [base[rng.randrange(len(base))] + "\n\n" + base[rng.randrange(len(base))] for _ in range(n_orig - len(docs))]
+    if n_orig > len(base):
+        raise ValueError(f"{n:,} documents need {n_orig:,} distinct paragraphs; this environment has {len(base):,}")
+    docs = [base[i] for i in rng.sample(range(len(base)), n_orig)]
     for i in range(n - n_orig):
         words = docs[rng.randrange(n_orig)].split(" ")
         if i % 2:
@@ -72,7 +79,9 @@ def write_table(path: Path, docs: list[str]) -> None:
     pq.write_table(pa.table({"idx": list(range(len(docs))), "text": docs, "norm_hash": [exact_key(d) for d in docs]}), path)
 
 
-def write_files(root: Path, docs: list[str]) -> int:
+def write_files(root: Path, docs: list[str], per_file: int = 1) -> int:
+    """Files of `per_file` documents each (joined by blank lines), 1,000 to a directory; returns the bytes."""
+    docs = ["\n\n".join(docs[i:i + per_file]) for i in range(0, len(docs), per_file)]
     for i, text in enumerate(docs):
         if i % 1000 == 0:
             (root / f"d{i // 1000:04d}").mkdir(parents=True, exist_ok=True)
@@ -91,7 +100,10 @@ def child(task: str, **kw) -> dict:
 
 def measure(spec: dict) -> dict:
     """In the child: do the task, time its own part, report peak RSS."""
+    import threading
+
     import duckdb
+    import psutil
 
     from pipelines.config import FlowConfig, load_config
     from pipelines.data.neardup import NearDupConfig
@@ -101,6 +113,18 @@ def measure(spec: dict) -> dict:
     from pipelines.workspace import Workspace
 
     task, workers, out = spec["task"], spec["workers"], {}
+    me, peak, running = psutil.Process(), {"own": 0, "workers": 0}, [True]
+
+    def sample() -> None:  # ru_maxrss would not do: a child's high-water mark starts at its forking parent's RSS
+        while running[0]:
+            peak["own"] = max(peak["own"], me.memory_info().rss)
+            try:
+                peak["workers"] = max(peak["workers"], sum(c.memory_info().rss for c in me.children(recursive=True)))
+            except psutil.Error:  # a worker exited between listing and reading
+                pass
+            time.sleep(0.02)
+
+    threading.Thread(target=sample, daemon=True).start()
 
     def cpu_s() -> float:  # this process and its finished worker processes
         own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -131,13 +155,15 @@ def measure(spec: dict) -> dict:
             t, cpu = time.perf_counter(), cpu_s()
             result = dedup.run(cfg, ws, ing, force=True)
             out["dropped"], n = result.metrics["dropped"], result.metrics["read"]
+            out.update({k: result.metrics[k] for k in ("quality_s", "exact_s", "near_s")})
         else:
             n, out["mb"], out["partitions"] = ing.metrics["read"], ing.metrics["bytes"] / 1e6, ing.metrics["partitions"]
         seconds = time.perf_counter() - t
     cpu = cpu_s() - cpu
-    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    running[0] = False
     return {**out, "docs": n, "seconds": round(seconds, 3), "docs_per_s": round(n / seconds), "cpu_s": round(cpu, 2),
-            "docs_per_cpu_s": round(n / max(cpu, 1e-9)), "peak_rss_mb": round(rss / 1024)}
+            "docs_per_cpu_s": round(n / max(cpu, 1e-9)), "peak_rss_mb": round(peak["own"] / 2**20),
+            "workers_peak_rss_mb": round(peak["workers"] / 2**20)}
 
 
 def run(argv: list[str]) -> dict:
@@ -159,7 +185,7 @@ def run(argv: list[str]) -> dict:
         near, exact, stage, ingest_runs = {}, {}, {}, {}
         for n in sizes:
             table = tmp / f"docs-{n}.parquet"
-            write_table(table, documents(n, base))
+            write_table(table, documents(n, base))  # the list is freed before the children start
             for w in workers:  # alternated per size, so load on the shared cores falls on both alike
                 near[f"{n}/{w}"] = child("near", table=str(table), workers=w, work=str(tmp / f"work-{n}-{w}"))
                 exact[f"{n}/{w}"] = child("exact", table=str(table), workers=w)
@@ -171,15 +197,15 @@ def run(argv: list[str]) -> dict:
         for w in workers:
             stage[str(w)] = child("stage", workspace=str(tmp / "stage-ws"), sources=sources, workers=w)
         shutil.rmtree(tmp / "stage-ws", ignore_errors=True)
-        for n_files in sorted({min(10_000, args.files), args.files}):
-            files = tmp / f"files-{n_files}"
-            mb = write_files(files, documents(n_files, base, seed=2)) / 1e6
+        for n_files, per_file in sorted({(min(10_000, args.files), 1), (args.files, 1), (2_000, 100)}):
+            files, name = tmp / f"files-{n_files}-{per_file}", f"{n_files}{'x' + str(per_file) if per_file > 1 else ''}"
+            mb = write_files(files, documents(n_files * per_file, base, seed=2), per_file) / 1e6
             sources = f"[{{kind: text_dir, path: {files}, doc_chars: 4000}}]"
-            for w in workers if n_files == args.files else workers[:1]:
-                r = child("ingest", workspace=str(tmp / f"ingest-ws-{n_files}-{w}"), sources=sources, workers=w)
-                r.update(files=n_files, files_per_s=round(n_files / r["seconds"]), mb_per_s=round(mb / r["seconds"], 1))
-                ingest_runs[f"{n_files}/{w}"] = r
-                shutil.rmtree(tmp / f"ingest-ws-{n_files}-{w}", ignore_errors=True)
+            for w in workers if n_files == args.files or per_file > 1 else workers[:1]:
+                r = child("ingest", workspace=str(tmp / f"ingest-ws-{name}-{w}"), sources=sources, workers=w)
+                r.update(files=n_files, mb=round(mb, 1), files_per_s=round(n_files / r["seconds"]), mb_per_s=round(mb / r["seconds"], 1))
+                ingest_runs[f"{name}/{w}"] = r
+                shutil.rmtree(tmp / f"ingest-ws-{name}-{w}", ignore_errors=True)
             shutil.rmtree(files, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -193,8 +219,9 @@ def run(argv: list[str]) -> dict:
         "dedup_stage_ratio": round(stage[str(w2)]["docs_per_s"] / stage[str(w1)]["docs_per_s"], 2),
         "same_result_every_worker_count": same,
         "total_s": round(time.perf_counter() - started),
-        "notes": "keys are documents/workers (ingest: files/workers); peak_rss_mb is the largest of the measuring "
-                 "process and its worker processes, and includes loading the corpus into DuckDB for near/exact; "
+        "notes": "keys are documents/workers (ingest: files/workers, 2000x100: 2,000 files of 100 paragraphs); "
+                 "peak_rss_mb is the measuring process's (for near/exact it holds the corpus in DuckDB), "
+                 "workers_peak_rss_mb the largest sum over its worker processes; "
                  "cpu_s is the CPU time of the measuring process and its worker processes (docs_per_cpu_s: the "
                  "per-core cost, whatever else runs); the machine's 2 cores are shared with other work "
                  "(see provenance.load_average), which caps what a second worker can add",
@@ -206,11 +233,11 @@ def readme_row(result: dict) -> tuple[str, str]:
     near, ing = result["near"], result["ingest"]
     top = max(int(k.split("/")[0]) for k in near)
     one, two = near[f"{top}/1"]["docs_per_s"], near[f"{top}/2"]["docs_per_s"]
-    files_key = max(ing, key=lambda k: (int(k.split("/")[0]), -int(k.split("/")[1])))
-    f = ing[f"{files_key.split('/')[0]}/1"]
+    small = ing[f"{max(int(k.split('/')[0]) for k in ing if 'x' not in k)}/1"]
+    large = ing["2000x100/1"]
     words = (f"near-dup at {top:,} docs: {two:,} docs/s on 2 worker processes vs {one:,} on 1 (baseline: 1 worker); "
-             f"dedup stage {result['dedup_stage_ratio']}x on 2 workers; ingest of {f['files']:,} small files "
-             f"{f['files_per_s']:,} files/s, {f['mb_per_s']} MB/s")
+             f"dedup stage {result['dedup_stage_ratio']}x on 2 workers; ingest of {small['files']:,} small files "
+             f"{small['files_per_s']:,} files/s, of {large['mb']:.0f} MB in larger files {large['mb_per_s']} MB/s (1 worker)")
     return words, f"{result['ratio']}x"
 
 
