@@ -35,9 +35,11 @@ def _quote(path: Path | str) -> str:
     return str(path).replace("'", "''")
 
 
-def export_texts(con: Any, sql: str, out: Path, per: int) -> list[str]:
-    """Write the rows of `sql` (idx, text) as partitions of `per` consecutive idx; returns their globs in idx order."""
-    con.execute(f"""COPY (SELECT idx, text, (row_number() OVER (ORDER BY idx) - 1) // {int(per)} AS part FROM ({sql}))
+def export_texts(con: Any, sql: str, out: Path, per: int, order: str = "idx") -> list[str]:
+    """Write the rows of `sql` (idx, text) as partitions of `per` consecutive idx (or `order`); returns their
+    globs in that order."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    con.execute(f"""COPY (SELECT *, (row_number() OVER (ORDER BY {order}) - 1) // {int(per)} AS part FROM ({sql}))
                     TO '{_quote(out)}' (FORMAT parquet, PARTITION_BY (part))""")
     parts = sorted((int(d.name.split("=", 1)[1]), d) for d in out.glob("part=*") if d.is_dir())
     return [str(d / "*.parquet") for _, d in parts]

@@ -40,6 +40,16 @@ class TaskPool:
         return [f.result() for f in futures]
 
 
+def query_partition(sql: str, path: str) -> Any:
+    """Task: the Arrow table of `sql` run in a fresh one-thread DuckDB, its one parameter the Parquet path
+    (or glob) of a partition. Kept in this light module: a worker imports only what the task names."""
+    import duckdb
+
+    with duckdb.connect() as con:
+        con.execute("SET threads = 1")
+        return con.sql(sql, params=[path]).to_arrow_table()
+
+
 def scheduler_address(address: str | None, scheduler_file: str | None) -> str | None:
     """The scheduler's address from flow.dask_address, or read from flow.dask_scheduler_file."""
     if address or not scheduler_file:
