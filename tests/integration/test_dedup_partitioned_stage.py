@@ -1,5 +1,6 @@
-"""The dedup stage with its near-dup step as partition tasks (local worker processes, or a Dask cluster reached
-by address) writes the plain stage's verdicts row for row, also for an incremental second snapshot."""
+"""The dedup stage with its quality and near-dup steps as partition tasks (local worker processes) writes the
+plain stage's verdicts row for row, also for an incremental second snapshot. (On a Dask cluster reached by
+address: tests/integration/test_dask_runner.py.)"""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def write_corpus(root, seed: int, n_originals: int) -> None:
         words[rng.randrange(len(words))] = "zebra"
         texts.append(" ".join(words))
     texts += rng.sample(docs, len(docs) // 5)
+    texts += ["#sale #cheap #deal #now #buy #more #click #here #free #win",  # fails the quality rules
+              "the same line again\n" * 20, "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22"]
     (root / "texts").mkdir(parents=True, exist_ok=True)
     for i, text in enumerate(texts):
         (root / "texts" / f"{seed}-{rng.randrange(10**6):06d}-{i}.txt").write_text(text)
@@ -54,13 +57,12 @@ def run(cfg):
 
 
 def test_partitioned_stage_writes_the_plain_stages_verdicts(tmp_path):
-    from distributed import LocalCluster
-
     write_corpus(tmp_path, seed=0, n_originals=60)
     incremental = "dedup.incremental=true"
     plain_cfg = config(tmp_path, "plain", incremental)
     plain = run(plain_cfg)
     assert plain.metrics["dropped_by_reason"].get("near_duplicate", 0) >= 10
+    assert sum(n for reason, n in plain.metrics["dropped_by_reason"].items() if reason.startswith("quality:")) >= 3
     procs_cfg = config(tmp_path, "procs", incremental, "flow.data_workers=2")
     procs = run(procs_cfg)
     assert procs.key == plain.key and verdicts(procs_cfg, procs) == verdicts(plain_cfg, plain)
@@ -71,9 +73,3 @@ def test_partitioned_stage_writes_the_plain_stages_verdicts(tmp_path):
     plain2, procs2 = run(plain_cfg), run(procs_cfg)
     assert procs2.metrics["incremental_base"] == procs.key and procs2.metrics["inherited"] > 0
     assert verdicts(procs_cfg, procs2) == verdicts(plain_cfg, plain2)
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
-        dask_cfg = config(tmp_path, "dask", "flow.task_runner=dask", f"flow.dask_address={cluster.scheduler_address}")
-        on_cluster = run(dask_cfg)
-    whole_cfg = config(tmp_path, "whole")  # both snapshots' files at once, not incremental
-    assert verdicts(dask_cfg, on_cluster) == verdicts(whole_cfg, run(whole_cfg))
