@@ -36,6 +36,8 @@ BENCHMARKS = {
     "stability": ("bench.stability", "spike gate: vetoed steps on healthy runs, detection of injected faults; ratio = FPs now / before"),
     "dedup": ("bench.dedup", "near-dup docs/s, recall/precision on planted pairs and hard negatives; ratio = vs "
                              "datasketch MinHashLSH with the same bands x rows + verification"),
+    "data_scale": ("bench.data_scale", "ingest files/s + MB/s, exact and near-dup docs/s and RSS at 10k-1M docs, 1 and 2 "
+                                       "workers; ratio = near-dup 2 workers / 1"),
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 # how `python -m bench all` runs each: (extra options, environment); the commands the README shows

@@ -34,6 +34,10 @@ SOURCES: dict[str, list[str]] = {
     "tokenize": ["lm_core/tokenizer.py", "lm_core/shards.py", "pipelines/stages/shard.py"],
     "loader": ["lm_core/loader.py", "lm_core/shards.py"],
     "dedup": ["pipelines/data/neardup.py", "pipelines/stages/dedup.py", "pipelines/data/quality.py"],
+    "data_scale": ["pipelines/data/neardup.py", "pipelines/data/neardup_partitioned.py", "pipelines/data/task_pool.py",
+                   "pipelines/data/sources.py", "pipelines/data/documents.py", "pipelines/data/file_groups.py",
+                   "pipelines/data/normalize.py", "pipelines/data/quality.py",
+                   "pipelines/stages/dedup.py", "pipelines/stages/ingest.py"],
 }
 
 

@@ -1,5 +1,6 @@
-"""Ingest fanned out: one Prefect task per new partition (input file), on the task runner that
-`flow.task_runner` names (`dask`: prefect-dask's DaskTaskRunner on a LocalCluster).
+"""Ingest fanned out: one Prefect task per new partition (a group of input files), on the task runner that
+`flow.task_runner` names (`dask`: prefect-dask's DaskTaskRunner on the cluster at flow.dask_address or
+flow.dask_scheduler_file, else on a LocalCluster it starts).
 
 A partition task writes Parquet files under the workspace and never the catalog (DuckDB allows one
 writer process); the ingest stage task that follows loads them, in the flow's own process. This module
@@ -12,6 +13,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.config import PipelineConfig, from_dict
+from pipelines.data.task_pool import connect, scheduler_address
 from pipelines.stages import ingest
 from pipelines.workspace import Workspace
 
@@ -38,6 +40,10 @@ def task_runner(cfg: PipelineConfig):
         from prefect_dask import DaskTaskRunner
     except ImportError:
         raise ImportError("flow.task_runner=dask needs prefect-dask: pip install -c constraints.txt prefect-dask") from None
+    address = scheduler_address(cfg.flow.dask_address, cfg.flow.dask_scheduler_file)
+    if address:
+        connect(address).close()  # unreachable: one line that names the key, before Prefect's own retries
+        return DaskTaskRunner(address=address)
     cluster = {"n_workers": cfg.flow.dask_workers, "threads_per_worker": 1, "processes": cfg.flow.dask_processes,
                "dashboard_address": None}
     if cfg.flow.dask_processes:

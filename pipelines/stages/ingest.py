@@ -1,13 +1,15 @@
 """Stage 1, ingest: read every configured source into the DuckDB catalog as one snapshot.
 
-The work is split into partitions: one per input file (a built-in corpus, a remote table or a source
-cut by max_docs is one partition). A partition's key hashes its source's config, the screening
-settings, the file's uri, size and mtime, and this code's version. `ingest_partition` reads one
-partition into Parquet files under `artifacts/ingest/.partitions/<key>/` and never touches the catalog,
-so partitions can run anywhere at once (the Prefect flow fans them out on a Dask cluster); `run` then
-loads them into DuckDB in one process, the catalog's only writer. A partition that an earlier snapshot
-already holds is copied from that snapshot in SQL, not read again: a new file in a workspace costs
-reading that file only.
+The work is split into partitions: groups of small files of one directory, ~ingest.partition_bytes each,
+cut where the file names say so (pipelines.data.sources.group_files; a built-in corpus, a remote table or
+a source cut by max_docs is one partition). A partition's key hashes its source's config, the screening
+settings, its files' paths, sizes and mtimes, and this code's version, so it changes only when one of its
+files does. `ingest_partition` reads one partition into Parquet files under
+`artifacts/ingest/.partitions/<key>/` and never touches the catalog, so partitions can run anywhere at once
+(flow.data_workers local processes, or the Prefect flow's Dask tasks); `run` then loads them into DuckDB in
+one process, the catalog's only writer, a few hundred partitions per statement. A partition that an earlier
+snapshot already holds is copied from that snapshot in SQL, not read again: a new file in a workspace costs
+reading its group only.
 
 Every record read ends up as a document row or a quarantine row with its reason:
 `read == documents + quarantined` is checked before the stage is marked complete.
@@ -32,10 +34,13 @@ from pipelines.config import ConfigError, NormalizeConfig, PipelineConfig, Sourc
 from pipelines.data import catalog, decontam
 from pipelines.data.normalize import exact_key, normalize_text
 from pipelines.data.sources import Record, check_source, read_partition, source_partitions
+from pipelines.data.task_pool import check_cluster, task_pool
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
-STAGE, VERSION = "ingest", "3"
+STAGE, VERSION = "ingest", "4"  # 4: partitions are groups of files; large text files are streamed
 BATCH = 2000
+LOAD_BATCH = 16  # staged partitions loaded into the catalog per INSERT
+LOAD_MEMORY_LIMIT = "256MB"  # DuckDB's buffer cap while ingest loads the catalog
 DOC_SCHEMA = pa.schema([("source", pa.string()), ("uri", pa.string()), ("record_no", pa.int64()),
                         ("text", pa.string()), ("norm_hash", pa.string())])
 BAD_SCHEMA = pa.schema([("source", pa.string()), ("uri", pa.string()), ("record_no", pa.int64()),
@@ -46,14 +51,23 @@ BAD_COLUMNS = "snapshot, source, uri, reason, snippet, record_no, partition_key"
 
 @dataclass(frozen=True)
 class Partition:
-    """One unit of ingest work: a file of a source (uri ""  = the whole source)."""
+    """One unit of ingest work: files of a source, in order (("",) = the whole source)."""
     source: SourceConfig
-    uri: str
+    files: tuple[str, ...]
     key: str
 
     @property
+    def uri(self) -> str:
+        """The file, or the group's directory and its first and last file."""
+        if len(self.files) == 1:
+            return self.files[0]
+        first, last = Path(self.files[0]), Path(self.files[-1])
+        return f"{first.parent}/{{{first.name} .. {last.name}}} ({len(self.files)} files)"
+
+    @property
     def name(self) -> str:
-        return f"{self.source.label}:{Path(self.uri).name or self.source.kind}"
+        more = f" +{len(self.files) - 1}" if len(self.files) > 1 else ""
+        return f"{self.source.label}:{Path(self.files[0]).name or self.source.kind}{more}"
 
 
 def partitions(cfg: PipelineConfig) -> list[Partition]:
@@ -62,22 +76,24 @@ def partitions(cfg: PipelineConfig) -> list[Partition]:
     screen = {"min_chars": ing.min_chars, "max_chars": ing.max_chars, "normalize": to_dict(ing.normalize)}
     out = []
     for src in ing.sources:
-        for uri, fingerprint in source_partitions(src):
-            payload = {"version": VERSION, "source": to_dict(src), "screen": screen, "uri": uri, "fingerprint": fingerprint}
+        for files, fingerprint in source_partitions(src, ing.partition_bytes):
+            payload = {"version": VERSION, "source": to_dict(src), "screen": screen, "files": fingerprint}
             digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-            out.append(Partition(src, uri, digest))
+            out.append(Partition(src, files, digest))
     return out
 
 
-def key(cfg: PipelineConfig) -> str:
-    return stage_key(STAGE, VERSION, cfg.ingest, extra=[p.key for p in partitions(cfg)])
+def key(cfg: PipelineConfig, parts: list[Partition] | None = None) -> str:
+    return stage_key(STAGE, VERSION, cfg.ingest, extra=[p.key for p in (partitions(cfg) if parts is None else parts)])
 
 
 def preflight(cfg: PipelineConfig) -> None:
-    """Before any work: every source and every eval set of dedup.decontaminate can be read."""
+    """Before any work: every source and every eval set of dedup.decontaminate can be read, and the Dask
+    cluster named by flow.dask_address (which runs ingest and dedup) answers."""
     for src in cfg.ingest.sources:
         check_source(src)
     decontam.preflight(cfg.dedup.decontaminate)
+    check_cluster(cfg.flow)
 
 
 def staged_dir(ws: Workspace, partition: Partition) -> Path:
@@ -108,7 +124,7 @@ def ingest_partition(cfg: PipelineConfig, ws: Workspace, partition: Partition) -
     try:
         with pq.ParquetWriter(tmp / "docs.parquet", DOC_SCHEMA) as docs_out, \
              pq.ParquetWriter(tmp / "quarantine.parquet", BAD_SCHEMA) as bad_out:
-            records = read_partition(partition.source, partition.uri, ws.downloads)
+            records = read_partition(partition.source, partition.files, ws.downloads)
             while batch := list(islice(records, BATCH)):
                 docs, refused = _screen(batch, cfg.ingest.min_chars, cfg.ingest.max_chars, cfg.ingest.normalize)
                 docs_out.write_table(_doc_table(docs))
@@ -128,22 +144,25 @@ def ingest_partition(cfg: PipelineConfig, ws: Workspace, partition: Partition) -
 
 
 def run(cfg: PipelineConfig, ws: Workspace, force: bool = False) -> StageResult:
-    snapshot = key(cfg)
-    parts = partitions(cfg)
+    parts = partitions(cfg)  # lists and stats every file: once
+    snapshot = key(cfg, parts)
 
     def build(out: Path) -> dict:
-        loaded: list[Path] = []
+        loaded: list[tuple[Partition, dict]] = []
         with ws.duckdb() as con:
             catalog.ensure_schema(con)
+            # DuckDB would otherwise keep the loaded rows' pages in memory up to 80% of RAM: peak RSS grew with the
+            # corpus; with a cap it writes them out and evicts them
+            con.execute(f"SET memory_limit = '{LOAD_MEMORY_LIMIT}'")
             con.begin()
             for table in ("documents", "quarantine", "ingest_partitions"):
                 con.execute(f"DELETE FROM {table} WHERE snapshot = ?", [snapshot])
             copied = set() if force else _copy(con, snapshot, [p.key for p in parts])
-            for p in parts:
-                if p.key not in copied:
-                    counts = ingest_partition(cfg, ws, p)
-                    _load(con, snapshot, p, staged_dir(ws, p), counts)
-                    loaded.append(staged_dir(ws, p))
+            todo = [p for p in parts if p.key not in copied]
+            for counts, p in zip(_stage(cfg, ws, todo), todo):
+                loaded.append((p, counts))
+            for i in range(0, len(loaded), LOAD_BATCH):
+                _load(con, snapshot, loaded[i:i + LOAD_BATCH], ws)
             report = _totals(con, snapshot)
             if report["documents"] == 0:
                 con.rollback()
@@ -155,8 +174,8 @@ def run(cfg: PipelineConfig, ws: Workspace, force: bool = False) -> StageResult:
             listing = catalog.rows(con, """SELECT source, uri, partition_key, n_read, n_documents, n_quarantined, reused
                                            FROM ingest_partitions WHERE snapshot = ? ORDER BY source, uri""", [snapshot])
             con.commit()
-        for staged in loaded:  # the catalog holds the rows now
-            shutil.rmtree(staged, ignore_errors=True)
+        for p, _ in loaded:  # the catalog holds the rows now
+            shutil.rmtree(staged_dir(ws, p), ignore_errors=True)
         fields = ("source", "uri", "partition_key", "read", "documents", "quarantined", "reused")
         (out / "partitions.json").write_text(json.dumps([dict(zip(fields, row)) for row in listing], indent=2))
         report = {"snapshot": snapshot, **report}
@@ -188,15 +207,35 @@ def _copy(con, snapshot: str, keys: list[str]) -> set[str]:
     return {k for (k,) in catalog.rows(con, "SELECT partition_key FROM ingest_reuse")}
 
 
-def _load(con, snapshot: str, p: Partition, staged: Path, counts: dict) -> None:
+def _stage(cfg: PipelineConfig, ws: Workspace, todo: list[Partition]) -> list[dict]:
+    """Counts of each partition, staging those not staged yet (the Prefect flow may have staged them as Dask
+    tasks already) on the flow's task pool: the Dask cluster, or flow.data_workers local processes; else here."""
+    pending = [p for p in todo if not (staged_dir(ws, p) / "counts.json").is_file()]
+    if len(pending) > 1 and (cfg.flow.task_runner == "dask" or (cfg.flow.data_workers or 1) > 1):
+        with task_pool(cfg.flow) as pool:
+            pool.map(ingest_partition, [(cfg, ws, p) for p in pending])
+    return [ingest_partition(cfg, ws, p) for p in todo]  # reads counts.json of what is staged
+
+
+def _load(con, snapshot: str, batch: list[tuple[Partition, dict]], ws: Workspace) -> None:
+    """Insert the staged rows of a batch of partitions, one statement per table; a row's partition key is
+    the name of the directory its Parquet file was staged in."""
+    def files(name: str) -> list[str]:
+        return [str(staged_dir(ws, p) / name) for p, _ in batch]
+
+    key_of_file = r"regexp_extract(filename, '([^/\\]+)[/\\][a-z]+\.parquet$', 1)"
     con.execute(
         f"""INSERT INTO documents ({COLUMNS})
             SELECT ?, substr(md5(source || '|' || uri), 1, 16), source, uri, text, strlen(text), md5(text), norm_hash,
-                   record_no, ? FROM read_parquet(?)""", [snapshot, p.key, str(staged / "docs.parquet")])
-    con.execute(f"INSERT INTO quarantine ({BAD_COLUMNS}) SELECT ?, source, uri, reason, snippet, record_no, ? "
-                "FROM read_parquet(?)", [snapshot, p.key, str(staged / "quarantine.parquet")])
-    con.execute("INSERT INTO ingest_partitions VALUES (?, ?, ?, ?, ?, ?, ?, false)",
-                [snapshot, p.key, p.source.label, p.uri, counts["read"], counts["documents"], counts["quarantined"]])
+                   record_no, {key_of_file} FROM read_parquet(?, filename = true)""", [snapshot, files("docs.parquet")])
+    con.execute(f"INSERT INTO quarantine ({BAD_COLUMNS}) SELECT ?, source, uri, reason, snippet, record_no, {key_of_file} "
+                "FROM read_parquet(?, filename = true)", [snapshot, files("quarantine.parquet")])
+    con.register("loaded_partitions", pa.table({
+        "partition_key": [p.key for p, _ in batch], "source": [p.source.label for p, _ in batch], "uri": [p.uri for p, _ in batch],
+        **{f"n_{k}": pa.array([c[k] for _, c in batch], pa.int64()) for k in ("read", "documents", "quarantined")}}))
+    con.execute("""INSERT INTO ingest_partitions SELECT ?, partition_key, source, uri, n_read, n_documents, n_quarantined, false
+                   FROM loaded_partitions""", [snapshot])
+    con.unregister("loaded_partitions")
 
 
 def _totals(con, snapshot: str) -> dict:

@@ -47,7 +47,9 @@ def test_continue_trains_the_champion_on_new_files_and_gates_on_the_same_data(ba
     results = run_pipeline(plan.cfg, tags=plan.tags)
     ingest = results["ingest"].metrics
     assert ingest["snapshot"] != first["ingest"].metrics["snapshot"]
-    assert ingest["partitions_read"] == len(NEW_FILES)  # the old corpus was copied in SQL, not read again
+    # the inbox's files (grouped into partitions of ~ingest.partition_bytes) are read; the old corpus was
+    # copied in SQL, not read again
+    assert 1 <= ingest["partitions_read"] <= len(NEW_FILES)
     assert ingest["documents"] > first["ingest"].metrics["documents"]
     # the champion's tokenizer, byte for byte: the ids keep their meaning
     assert results["tokenizer"].metrics["sha256"] == first["tokenizer"].metrics["sha256"]

@@ -25,7 +25,8 @@ TEXTS = {f"t{i}.txt": inspect.getdoc(f) for i, f in enumerate(
 def config(root, ws, *overrides):
     sources = (f"[{{kind: text_dir, name: docs, path: {root / 'texts'}, doc_chars: 0}}, "
                f"{{kind: jsonl, name: lines, path: {root / 'lines.jsonl'}}}]")
-    return load_config("tiny", [f"workspace={ws}", f"ingest.sources={sources}", *overrides])
+    # one partition per file, so the fan-out shows one task per file
+    return load_config("tiny", [f"workspace={ws}", f"ingest.sources={sources}", "ingest.partition_bytes=1", *overrides])
 
 
 def snapshot_rows(cfg, snapshot: str) -> set[tuple]:
@@ -94,3 +95,35 @@ def test_dask_fan_out_equals_the_plain_run(tmp_path, prefect_harness):
     grown = state.result()["ingest"]  # not forced: only dedup is
     assert (grown.metrics["partitions_read"], grown.metrics["partitions_reused"]) == (1, len(TEXTS) + 1)
     assert partition_task_runs(state.state_details.flow_run_id) == ["ingest docs:new.txt"]
+
+
+def test_an_existing_cluster_by_address_runs_ingest_and_dedup(tmp_path, prefect_harness):
+    """flow.dask_address: the flow's ingest partitions and the dedup stage's MinHash tasks run on a cluster it
+    did not start (a LocalCluster with two worker processes, reached by its address), with the plain result."""
+    from distributed import Client, LocalCluster
+
+    from flows.pipeline import pipeline_flow
+
+    root = tmp_path / "corpus"
+    (root / "texts").mkdir(parents=True)
+    for name, text in TEXTS.items():
+        (root / "texts" / name).write_text(text)
+    (root / "texts" / "near.txt").write_text(TEXTS["t0.txt"].replace("Serialize", "Serialise", 1))
+    (root / "lines.jsonl").write_text(json.dumps({"text": inspect.getdoc(shutil.rmtree)}) + "\n")
+    plain_cfg = config(root, tmp_path / "plain")
+    plain = run_pipeline(plain_cfg, only="dedup")
+    assert plain["dedup"].metrics["dropped_by_reason"].get("near_duplicate") == 1
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
+        cfg = config(root, tmp_path / "cluster", "flow.task_runner=dask", f"flow.dask_address={cluster.scheduler_address}")
+        state = pipeline_flow(config=cfg.to_dict(), only="dedup", return_state=True)
+        assert state.is_completed(), state
+        with Client(cluster) as client:
+            ran = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+    assert {"signature_partition", "bucket_range", "verify_chunk"} <= set(ran), ran
+    assert any("ingest" in name for name in ran), ran  # the Prefect partition tasks ran there too
+    got = state.result()
+    assert got["dedup"].key == plain["dedup"].key
+    assert snapshot_rows(cfg, got["ingest"].key) == snapshot_rows(plain_cfg, plain["ingest"].key)
+    with Workspace(cfg.workspace).duckdb(read_only=True) as a, Workspace(plain_cfg.workspace).duckdb(read_only=True) as b:
+        sql = "SELECT doc_id, status, reason, duplicate_of FROM doc_status ORDER BY doc_id"
+        assert catalog.rows(a, sql) == catalog.rows(b, sql)

@@ -31,10 +31,11 @@ def make_corpus(root):
     (root / "lines" / "a.jsonl").write_text("\n".join(LINES) + "\n")
 
 
-def config(root, ws):
+def config(root, ws, partition_bytes: int = 1):
+    """partition_bytes=1: every file is its own partition (the per-file test below counts them)."""
     sources = (f"[{{kind: text_dir, name: docs, path: {root / 'texts'}, doc_chars: 0}}, "
                f"{{kind: jsonl, name: lines, path: {root / 'lines'}}}]")
-    return load_config("tiny", [f"workspace={ws}", f"ingest.sources={sources}"])
+    return load_config("tiny", [f"workspace={ws}", f"ingest.sources={sources}", f"ingest.partition_bytes={partition_bytes}"])
 
 
 def rows(cfg, snapshot) -> set[tuple]:
@@ -112,6 +113,31 @@ def test_a_new_file_is_the_only_one_read(tmp_path):
     assert {e["snapshot"] for e in entries} == {first.key, second.key, third.key}
     for e in entries:
         assert e["read"] == e["documents"] + e["quarantined"]
+
+
+def test_grouped_small_files_reread_only_the_group_that_changed(tmp_path):
+    """600 small files in groups of ~4 KB: an edit and a new file re-read their groups only, and the snapshot
+    holds what a fresh workspace reading every file holds."""
+    root = tmp_path / "corpus"
+    make_corpus(root)
+    docs = list(TEXTS.values())
+    for i in range(600):
+        (root / "texts" / f"s{i:04d}.txt").write_text(f"small file {i}: " + docs[i % len(docs)][: 40 + i % 200])
+    cfg = config(root, tmp_path / "ws", partition_bytes=4096)
+    ws = Workspace(cfg.workspace)
+    first = ingest.run(cfg, ws).metrics
+    assert 10 <= first["partitions"] <= 150 and first["documents"] == 600 + len(TEXTS) + 2
+    (root / "texts" / "s0300.txt").write_text("an edited small file with other words in it")
+    (root / "texts" / "s0450b.txt").write_text("a new small file between the others, long enough")
+    second = ingest.run(cfg, ws)
+    m = second.metrics
+    assert 1 <= m["partitions_read"] <= 4 and m["partitions_reused"] >= first["partitions"] - 4, m
+    fresh_cfg = config(root, tmp_path / "fresh", partition_bytes=4096)
+    fresh = ingest.run(fresh_cfg, Workspace(fresh_cfg.workspace))
+    assert fresh.key == second.key and rows(cfg, second.key) == rows(fresh_cfg, fresh.key)
+    with ws.duckdb(read_only=True) as con:  # every row knows its partition, and every partition its rows
+        assert catalog.scalar(con, """SELECT count(*) FROM documents d ANTI JOIN ingest_partitions p
+                                      ON p.snapshot = d.snapshot AND p.partition_key = d.partition_key""") == 0
 
 
 def test_an_old_catalog_gains_the_provenance_columns(tmp_path):

@@ -221,15 +221,17 @@ def test_jsonl_zst_and_a_truncated_one(tmp_path):
     assert reason == "unreadable"
 
 
-def test_partitions_are_files_unless_the_source_is_whole(corpus, tmp_path):
+def test_partitions_are_groups_of_files_unless_the_source_is_whole(corpus, tmp_path):
     src = text_dir(corpus, doc_chars=0)
-    parts = source_partitions(src)
-    assert [uri for uri, _ in parts] == [str(corpus / "a.txt"), str(corpus / "nested" / "b.txt")]
-    by_file = [r for uri, _ in parts for r in read_partition(src, uri, tmp_path)]
+    parts = source_partitions(src, 1)  # a 1-byte budget: every file is its own partition
+    assert [files for files, _ in parts] == [(str(corpus / "a.txt"),), (str(corpus / "nested" / "b.txt"),)]
+    by_file = [r for files, _ in parts for r in read_partition(src, files, tmp_path)]
     assert [(r.uri, r.text) for r in by_file] == [(r.uri, r.text) for r in read(src, tmp_path)]
+    # a large budget still never groups across directories
+    assert [files for files, _ in source_partitions(src, 1 << 30)] == [files for files, _ in parts]
     for whole in (text_dir(corpus, max_docs=1), SourceConfig(kind="stdlib"),
                   SourceConfig(kind="parquet", path="s3://bucket/corpus/*.parquet")):
-        assert [uri for uri, _ in source_partitions(whole)] == [WHOLE_SOURCE]
+        assert [files for files, _ in source_partitions(whole, 1 << 20)] == [(WHOLE_SOURCE,)]
 
 
 def test_remote_uris_pass_through_preflight(tmp_path):
