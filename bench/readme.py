@@ -1,4 +1,5 @@
-"""The README's results table and demo figures, written from bench/results/*.json, never typed by hand.
+"""The README's results table, demo figures and the data stages' 1B-document projection, written from
+bench/results/*.json, never typed by hand.
 
 `python -m bench readme` rewrites what stands between the markers in README.md; `python -m bench NAME`
 does it after writing NAME.json, and `python -m bench all` after running every benchmark.
@@ -24,6 +25,7 @@ RESULTS = ROOT / "bench" / "results"
 TABLE = ("<!-- bench-table:start -->", "<!-- bench-table:end -->")
 DEMO = ("<!-- bench-demo:start -->", "<!-- bench-demo:end -->")
 MISSED = ("<!-- bench-missed:start -->", "<!-- bench-missed:end -->")
+DATA_SCALE = ("<!-- bench-data-scale:start -->", "<!-- bench-data-scale:end -->")
 
 
 def load_results(results: Path = RESULTS) -> dict[str, dict]:
@@ -112,12 +114,22 @@ def render_demo(results: dict[str, dict], stale: dict[str, str]) -> str:
     return text
 
 
+def render_data_scale(results: dict[str, dict], stale: dict[str, str]) -> str:
+    from bench import rows
+
+    result = results.get("data_scale")
+    if result is None:
+        return "No measurement: bench/results/data_scale.json is missing; run `python -m bench data_scale`."
+    text = rows.data_scale_projection(result)
+    return f"*(stale: {stale['data_scale']})*\n\n{text}" if "data_scale" in stale else text
+
+
 def render(readme_text: str, results_dir: Path = RESULTS) -> str:
     """README text with every marked block regenerated from the results."""
     results, stale = load_results(results_dir), stale_list()
     text = readme_text
     for markers, body in ((TABLE, render_table(results, stale)), (DEMO, render_demo(results, stale)),
-                          (MISSED, render_missed(results, stale))):
+                          (MISSED, render_missed(results, stale)), (DATA_SCALE, render_data_scale(results, stale))):
         text = _replace_between(text, markers, body)
     return text
 
