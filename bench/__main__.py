@@ -38,6 +38,7 @@ BENCHMARKS = {
                              "datasketch MinHashLSH with the same bands x rows + verification"),
     "data_scale": ("bench.data_scale", "ingest files/s + MB/s, exact and near-dup docs/s and RSS at 10k-1M docs, 1 and 2 "
                                        "workers; ratio = near-dup 2 workers / 1"),
+    "ci": ("bench.ci", "`bash .ci/run` on a fresh clone (install, then ruff + the whole suite); ratio = test command s / 900 s"),
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 # how `python -m bench all` runs each: (extra options, environment); the commands the README shows

@@ -233,10 +233,21 @@ def data_scale_row(r: dict) -> tuple[str, str]:
     return text, f"{r['ratio']}× one worker's near-dup docs/s ({top:,} docs, 2 workers; target ≥ 1.6×: {_met(r['ratio'] >= 1.6)})"
 
 
+def ci_row(r: dict) -> tuple[str, str]:
+    counts = r.get("counts", {})
+    minutes = f"{int(r['test_command_s'] // 60)} min {r['test_command_s'] % 60:.0f} s"
+    slow = ", ".join(f"{t['test'].split('::')[-1]} {t['seconds']:.0f} s" for t in r.get("slowest", [])[:3])
+    text = (f"`bash .ci/run` (ruff + pytest) on a fresh clone of {r['clone_commit'][:7]} after `make install` "
+            f"({_n(r['install_s'])} s, pip cache warm): {counts.get('passed', 0)} passed, {counts.get('skipped', 0)} skipped, "
+            f"{counts.get('failed', 0)} failed; test command {minutes} (pytest's own {_n(r['pytest_s'])} s); slowest: {slow}")
+    return text, f"{r['ratio']}× the 15-minute budget for the test command (target < 1×: {_met(r['ratio'] < 1)})"
+
+
 ROWS: dict[str, Callable[[dict], tuple[str, str]]] = {
     "pipeline": pipeline_row, "train_step": train_step_row, "zero_memory": zero_memory_row, "generate": generate_row,
     "generate_cuda": generate_cuda_row, "serve": serve_row, "tokenize": tokenize_row, "loader": loader_row,
     "quantize": quantize_row, "stability": stability_row, "dedup": dedup_row, "data_scale": data_scale_row,
+    "ci": ci_row,
 }
 
 
@@ -342,6 +353,8 @@ MISSED: dict[str, Callable[[dict], list[str]]] = {
     "train_step": _train_step_missed, "zero_memory": _zero_memory_missed, "serve": _serve_missed,
     "tokenize": _ratio_missed(1.0, "raw SentencePiece at equal threads: the shard stage"),
     "loader": _loader_missed, "quantize": _quantize_missed, "dedup": _dedup_missed, "data_scale": _data_scale_missed,
+    "ci": lambda r: [] if r["ratio"] < 1 else [f"the test command took {r['test_command_s']:.0f} s on a fresh clone, "
+                                                 f"{r['ratio']}× the 15-minute budget."],
 }
 
 

@@ -31,6 +31,14 @@ for _name, _value in {
     os.environ.setdefault(_name, _value)
 
 import pytest  # noqa: E402
+from prefect.logging.configuration import ensure_logging_setup  # noqa: E402  (after the environment above)
+
+# Prefect's console log handler keeps whatever sys.stderr is when Prefect first sets up its logging (when
+# prefect.main is first imported, lazily). Set up here, that is pytest's session-wide capture; set up first
+# inside a test that captures its own output, it would be that test's stream, closed when the test ends, and
+# every later flow run in the same process would fail with "I/O operation on closed file" (seen with
+# pytest-xdist, where the order of test files per process varies).
+ensure_logging_setup()
 
 
 @pytest.fixture(scope="session")

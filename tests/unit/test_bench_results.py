@@ -4,6 +4,7 @@ bench/results/STALE.json lists it with the reason it is knowingly stale (and the
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -21,6 +22,8 @@ def test_every_result_is_a_known_benchmark():
 
 @pytest.mark.parametrize("path", [p for p in RESULT_FILES if p.stem != "STALE"], ids=lambda p: p.stem)
 def test_result_matches_the_code_it_measured(path):
+    if path.stem == "ci" and os.environ.get("LMFORGE_BENCH_CI_RUN") == "1":
+        pytest.skip("this run is `python -m bench ci` remeasuring ci.json itself")
     result = json.loads(path.read_text())
     stamped = result.get("provenance", {}).get("sources_sha256")
     fresh = stamped == sources_digest(path.stem)
