@@ -25,7 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 900.0
-SUMMARY = re.compile(r"=+ (.*?) in ([\d.]+)s")
+# pytest's last line: "630 passed, 4 skipped in 567.71s (0:09:27)", framed by "=" unless -q
+SUMMARY = re.compile(r"^=*\s*(\d+ (?:passed|failed|errors?|skipped)\b.*?) in ([\d.]+)s\b", re.M)
 COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
 DURATION = re.compile(r"^([\d.]+)s (call|setup|teardown)\s+(\S+)", re.M)
 

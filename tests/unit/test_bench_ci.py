@@ -28,6 +28,12 @@ def test_counts_seconds_and_slowest_come_from_the_summary():
     assert [t["phase"] for t in parsed["slowest"]] == ["call", "setup", "call"]
 
 
+def test_the_quiet_summary_line_is_read_too():
+    parsed = parse_pytest(LOG.replace("============ 626 passed, 4 skipped, 1 deselected in 934.56s (0:15:34) ============",
+                                      "630 passed, 4 skipped, 3 warnings in 567.71s (0:09:27)"))
+    assert parsed["counts"] == {"passed": 630, "skipped": 4} and parsed["pytest_s"] == 567.71
+
+
 def test_failures_are_counted():
     parsed = parse_pytest("==== 3 failed, 620 passed, 2 errors in 12.00s ====")
     assert parsed["counts"] == {"failed": 3, "passed": 620, "error": 2}
