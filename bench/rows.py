@@ -206,11 +206,17 @@ def dedup_row(r: dict) -> tuple[str, str]:
     text = (f"{r['docs']:,} real paragraphs with planted {p['exact_pairs']:,} exact copies, {p['near_pairs']:,} near copies "
             f"(random edits, not filtered by any detector; true Jaccard p5/p50 {p['near_jaccard_p5_p50_p95'][0]}/"
             f"{p['near_jaccard_p5_p50_p95'][1]}) and {p['hard_negative_pairs']:,} hard negatives (Jaccard 0.6–0.8); both "
-            f"with {prm['bands']}×{prm['rows']} bands, {prm['num_perm']} permutations, exact-Jaccard verification at "
-            f"{prm['threshold']}, median (min–max) of {r['repeats']} runs: lmforge {_k(ours['docs_per_s'])} docs/s "
-            f"({_span(ours['docs_per_s_min_max'])}, peak RSS {_n(ours['peak_rss_mb'])} MB), {quality(ours)}; datasketch "
-            f"{_k(ds['docs_per_s'])} docs/s ({_span(ds['docs_per_s_min_max'])}, peak RSS {_n(ds['peak_rss_mb'])} MB), "
-            f"{quality(ds)}; exact dedup {_k(r['exact']['docs_per_s'])} docs/s")
+            f"with {prm['bands']}×{prm['rows']} bands, {prm['num_perm']} permutations, word {prm.get('ngram', 5)}-gram shingles, "
+            f"exact-Jaccard verification at {prm['threshold']}, median (min–max) of {r['repeats']} runs: lmforge "
+            f"{_k(ours['docs_per_s'])} docs/s ({_span(ours['docs_per_s_min_max'])}, peak RSS {_n(ours['peak_rss_mb'])} MB), "
+            f"{quality(ours)}; datasketch {_k(ds['docs_per_s'])} docs/s ({_span(ds['docs_per_s_min_max'])}, peak RSS "
+            f"{_n(ds['peak_rss_mb'])} MB), {quality(ds)}; exact dedup {_k(r['exact']['docs_per_s'])} docs/s")
+    for key in (k for k in r if k.startswith("ngram_")):  # side rows: the same measurement at another shingle width
+        side = r[key]
+        text += (f"; with {side['params']['ngram']}-word shingles (same near copies, true Jaccard p5/p50 "
+                 f"{side['planted']['near_jaccard_p5_p50_p95'][0]}/{side['planted']['near_jaccard_p5_p50_p95'][1]}): "
+                 f"lmforge {_k(side['lmforge']['docs_per_s'])} docs/s, {side['ratio']}× datasketch, near recall "
+                 f"{side['lmforge']['near_recall']:.3f}, precision {side['lmforge']['precision_on_planted']:.4f}")
     return text, (f"{r['ratio']}× datasketch MinHashLSH with the same bands×rows + verification, docs/s "
                   f"(target ≥ 3×: {_met(r['ratio'] >= 3)})")
 

@@ -3,9 +3,9 @@
   1. export      this process writes the input texts as Parquet partitions of contiguous idx ranges;
   2. signatures  one task per partition, in its own DuckDB: word hashes, shingle sets, MinHash signatures
                  and band hashes, written beside the texts (numpy files, band rows as Parquet sorted by band);
-  3. buckets     one task per band range, in its own DuckDB: the band rows of every partition (and of the
-                 reference set) grouped by bucket into candidate pairs; bands are salted, so a bucket never
-                 spans two ranges and the union of the ranges' pairs is the single-process pair set;
+  3. buckets     one task per band range: the band hashes of every partition (and the reference set's band
+                 rows) grouped by bucket into candidate pairs (neardup.bucket_pairs); buckets are per band, so
+                 the union of the ranges' pairs is the single-process pair set;
   4. verify      one task per chunk of candidate pairs: the signature screen and exact Jaccard
                  (neardup.verify, on the rows the chunk needs, read from the partitions' files);
   5. clusters    this process: connected components, so the smallest idx of a cluster survives.
@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.data.neardup import MinHasher, NearDupConfig, NearDupResult, bucket_pairs, components, jaccard, read_words, verify
+from pipelines.data import neardup
+from pipelines.data.neardup import MinHasher, NearDupConfig, NearDupResult, components, jaccard, read_words, verify
 from pipelines.data.task_pool import TaskPool
 
 MAX_ROWS_PER_PARTITION = 100_000  # bounds a signature task's memory: ~(P*4 + shingles*4) bytes per document
@@ -46,11 +47,9 @@ def export_texts(con: Any, sql: str, out: Path, per: int, order: str = "idx") ->
 
 
 def signature_partition(params: NearDupConfig, texts: str, out: str, batch: int = 8192) -> dict:
-    """Task: signatures of one partition. Writes idx, sig, shingle sets (values + offsets), the band hashes
-    of the documents with words (band_idx, bands) and their band rows (bands.parquet, sorted by band)."""
+    """Task: signatures of one partition. Writes idx, sig, shingle sets (values + offsets) and the band hashes
+    of the documents with words (band_idx, bands)."""
     import duckdb
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     hasher, out_dir = MinHasher(params), Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -74,24 +73,22 @@ def signature_partition(params: NearDupConfig, texts: str, out: str, batch: int 
     for name, array in (("idx", idx.astype(np.int64)), ("sig", sig), ("set_values", set_values),
                         ("set_offsets", set_offsets), ("band_idx", band_idx), ("bands", bands)):
         np.save(out_dir / f"{name}.npy", array)
-    k, b = bands.shape
-    pq.write_table(pa.table({"band": np.repeat(np.arange(b, dtype=np.int16), k), "bucket": bands.T.reshape(-1),
-                             "idx": np.tile(band_idx, b)}), out_dir / "bands.parquet", row_group_size=1 << 17)
     return {"dir": str(out_dir), "rows": n}
 
 
-def bucket_range(max_bucket: int, band_files: list[str], lo: int, hi: int, reference: str | None) -> np.ndarray:
-    """Task: candidate pairs of bands lo..hi-1 (and the reference set's rows of those bands)."""
-    import duckdb
-
-    rows = f"SELECT bucket, idx FROM read_parquet(?) WHERE band >= {int(lo)} AND band < {int(hi)}"
-    params: list = [band_files]
+def bucket_range(max_bucket: int, dirs: list[str], lo: int, hi: int, reference: str | None) -> np.ndarray:
+    """Task: candidate pairs of bands lo..hi-1 (and the reference set's rows of those bands), from the band
+    hashes the signature tasks wrote."""
+    idx = [np.load(Path(d) / "band_idx.npy") for d in dirs]
+    bands = [np.load(Path(d) / "bands.npy", mmap_mode="r")[:, lo:hi] for d in dirs]
+    rows = None
     if reference:
-        rows += f" UNION ALL SELECT bucket, idx FROM read_parquet(?) WHERE band >= {int(lo)} AND band < {int(hi)}"
-        params.append(reference)
-    with duckdb.connect() as con:
-        con.execute("SET threads = 1")
-        return bucket_pairs(con, rows, params, max_bucket)
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(reference, columns=["band", "bucket", "idx"], filters=[("band", ">=", lo), ("band", "<", hi)])
+        rows = tuple(t.column(k).to_numpy() for k in ("band", "bucket", "idx"))
+    return neardup.bucket_pairs(np.concatenate(idx) if idx else np.zeros(0, np.int64),
+                        np.concatenate(bands) if bands else np.zeros((0, hi - lo), np.uint64), max_bucket, rows, lo)
 
 
 class PartitionFiles:
@@ -123,7 +120,7 @@ class PartitionFiles:
 
 def verify_chunk(params: NearDupConfig, dirs: list[str], pairs: np.ndarray) -> np.ndarray:
     """Task: the pairs of this chunk that are near duplicates (neardup.verify on the rows they need)."""
-    wanted = np.unique(pairs)
+    wanted = neardup.sorted_unique(pairs.reshape(-1))
     sig, sets = PartitionFiles(dirs).gather(wanted)
     rows = np.searchsorted(wanted, pairs)
     kept = verify(sig, sets, np.arange(len(wanted)), rows, params.threshold, params.screen_margin)
@@ -149,10 +146,9 @@ def find_near_duplicates_partitioned(con: Any, sql: str, n_docs: int, params: Ne
         con.execute(f"COPY ({reference_bands_sql}) TO '{_quote(reference)}' (FORMAT parquet)")
     n_ranges = min(params.bands, 2 * pool.workers) if dirs else 0
     edges = np.linspace(0, params.bands, n_ranges + 1).round().astype(int)
-    band_files = [str(Path(d) / "bands.parquet") for d in dirs]
-    found = pool.map(bucket_range, [(params.max_bucket, band_files, int(lo), int(hi), reference)
+    found = pool.map(bucket_range, [(params.max_bucket, dirs, int(lo), int(hi), reference)
                                     for lo, hi in zip(edges[:-1], edges[1:])])
-    pairs = np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.int64)
+    pairs = neardup.unique_pairs(np.concatenate(found)) if found else np.zeros((0, 2), np.int64)
     is_ref = pairs < n_reference  # (C, 2)
     pairs = pairs[~is_ref.all(axis=1)]  # reference pairs were settled by the earlier run
     is_ref = pairs < n_reference
@@ -162,7 +158,7 @@ def find_near_duplicates_partitioned(con: Any, sql: str, n_docs: int, params: Ne
     verified = pool.map(verify_chunk, [(params, dirs, c) for c in chunks])
     if len(mixed):  # (reference, new): reference texts come from the caller's DuckDB, as in the single-process path
         hasher = MinHasher(params)
-        ref_ids, new_ids = np.unique(mixed[:, 0]), np.unique(mixed[:, 1])
+        ref_ids, new_ids = neardup.sorted_unique(mixed[:, 0]), neardup.sorted_unique(mixed[:, 1])
         idx, words, offsets = read_words(con, f"SELECT idx, text FROM ({reference_text_sql}) WHERE idx IN (SELECT unnest(?))",
                                          [ref_ids.tolist()])
         ref_row = np.full(n_reference, -1, dtype=np.int64)
@@ -177,5 +173,5 @@ def find_near_duplicates_partitioned(con: Any, sql: str, n_docs: int, params: Ne
     if with_bands:
         band_idx = np.concatenate([np.load(Path(d) / "band_idx.npy") for d in dirs]) if dirs else np.zeros(0, np.int64)
         bands = np.concatenate([np.load(Path(d) / "bands.npy") for d in dirs]) if dirs else np.zeros((0, params.bands), np.uint64)
-    return NearDupResult(members, label[members], len(pairs), len(verified), int(len(np.unique(label[members]))),
+    return NearDupResult(members, label[members], len(pairs), len(verified), int(len(neardup.sorted_unique(label[members]))),
                          band_idx, bands)

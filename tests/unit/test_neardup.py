@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines.data.neardup import MinHasher, NearDupConfig, components, find_near_duplicates, read_words
+from pipelines.data.neardup import MinHasher, NearDupConfig, bucket_pairs, components, find_near_duplicates, read_words
 
 DOCS = [inspect.getdoc(f) for f in (json.dumps, json.loads, shutil.copytree, shutil.rmtree, textwrap.wrap,
                                     textwrap.fill, textwrap.dedent, re.sub, re.compile, random.shuffle)]
@@ -25,7 +25,7 @@ def words(text: str) -> list[str]:
     return [w for w in re.split(r"[^\w]+", text.lower()) if w]
 
 
-def true_jaccard(a: str, b: str, n: int = 5) -> float:
+def true_jaccard(a: str, b: str, n: int = NearDupConfig().ngram) -> float:
     sa = {tuple(words(a)[i:i + n]) for i in range(len(words(a)) - n + 1)}
     sb = {tuple(words(b)[i:i + n]) for i in range(len(words(b)) - n + 1)}
     return len(sa & sb) / len(sa | sb)
@@ -69,7 +69,7 @@ def test_moderate_overlap_is_kept():
 
 
 def test_threshold_decides_a_borderline_pair():
-    near = edit(LONG, [20, 60, 100, 140, 180, 220])
+    near = edit(LONG, list(range(10, 235, 20)))  # 12 of ~235 words replaced, spread out
     j = true_jaccard(LONG, near)
     assert 0.6 < j < 0.8
     assert len(find([LONG, near], threshold=0.8).dropped) == 0
@@ -133,3 +133,34 @@ def test_empty_inputs_and_gaps_in_idx():
     assert len(r.dropped) == 0  # "" has no words: it matches nothing
     r = find_near_duplicates(con, "SELECT idx, text FROM docs WHERE idx IN (2, 4)", 5, NearDupConfig(), batch=2)
     assert r.dropped.tolist() == [4] and r.survivor.tolist() == [2]
+
+
+def test_bucket_pairs_match_the_definition():
+    """bucket_pairs against a plain reading of its contract: every pair within a shared bucket of a band, a bucket
+    over max_bucket pairing its members with its smallest only, reference rows joining their own band; few
+    distinct band values make buckets of every size."""
+    rng = np.random.default_rng(3)
+    n, k, max_bucket, n_ref = 400, 6, 5, 50
+    idx = np.sort(rng.choice(10_000, n, replace=False)) + n_ref
+    bands = rng.integers(0, [40, 150, 1, 40, 300, 90], size=(n, k)).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    bands[:, 2] = np.arange(n)  # a band where nothing is shared
+    ref_bands = rng.integers(0, 60, size=(n_ref, k + 2)).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    ref = (np.tile(np.arange(k + 2, dtype=np.int16), n_ref), ref_bands.reshape(-1), np.repeat(np.arange(n_ref), k + 2))
+    for reference, first_band in ((None, 0), (ref, 0), (ref, 2)):
+        expected = set()
+        for j in range(k):
+            buckets: dict[int, list[int]] = {}
+            for b, i in zip(bands[:, j].tolist(), idx.tolist()):
+                buckets.setdefault(b, []).append(i)
+            if reference is not None:
+                for i in range(n_ref):
+                    buckets.setdefault(int(ref_bands[i, first_band + j]), []).append(i)
+            for members in buckets.values():
+                m = sorted(members)
+                if len(m) <= max_bucket:
+                    expected |= {(a, c) for x, a in enumerate(m) for c in m[x + 1:]}
+                else:
+                    expected |= {(m[0], c) for c in m[1:]}
+        got = bucket_pairs(idx, bands, max_bucket, reference, first_band)
+        assert [tuple(p) for p in got.tolist()] == sorted(expected)
+    assert bucket_pairs(idx[:0], bands[:0], max_bucket).shape == (0, 2)
