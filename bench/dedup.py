@@ -15,7 +15,7 @@ Jaccard window use it. A side row (--side-ngram, default 5) repeats lmforge and 
 on the same near copies (hard negatives re-drawn for that width's Jaccard).
 
 Variants, alternated, each run in a fresh interpreter (so peak RSS is its own), same documents:
-  lmforge     pipelines.data.neardup: DuckDB word hashing + numpy MinHash + DuckDB LSH buckets + verify
+  lmforge     pipelines.data.neardup: DuckDB word hashing + numpy MinHash + numpy LSH buckets (a sort per band) + verify
   datasketch  MinHash(update_batch) + MinHashLSH(params=(bands, rows)) — the same banding and permutations
               as lmforge, not datasketch's own choice — insert/query per document, then every candidate pair
               verified by exact Jaccard on the same shingle sets at the same threshold

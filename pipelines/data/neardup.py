@@ -1,4 +1,4 @@
-"""Near-duplicate detection: MinHash signatures over word n-gram shingles, LSH banding in DuckDB.
+"""Near-duplicate detection: MinHash signatures over word n-gram shingles, LSH banding in numpy.
 
 The work splits between the two engines by what each does well:
 
