@@ -136,6 +136,10 @@ def serve_row(r: dict) -> tuple[str, str]:
             f"(min–max): " + "; ".join(parts) + f". 8 vs 1 client: throughput {ratios['throughput_8_vs_1']}× (target ≥ 4×: "
             f"{_met(met['throughput_8_vs_1'])}), p50 latency {ratios['p50_latency_8_vs_1']}× (target ≤ 2×: "
             f"{_met(met['p50_latency_8_vs_1'])})")
+    if per_repeat := ratios.get("throughput_8_vs_1_per_repeat"):
+        runs = per_repeat["runs"]
+        text += (f"; the throughput ratio within each repeat: median {per_repeat['median']}× "
+                 f"({_span([min(runs), max(runs)], str)})")
     return text, f"{r['ratio']}× one client's tokens/s (8 clients; target ≥ 4×: {_met(met['throughput_8_vs_1'])})"
 
 

@@ -8,8 +8,10 @@ they are pinned and copied without blocking, so the only wait per token is the r
 (with logprobs, of one packed float64 tensor that holds ids and logprobs together).
 
 Two shapes of decode step:
-- gathered (the CPU default): only the rows that decode take part, attending to their slots' first
-  `window` positions (the longest row's length); no wasted rows or keys. Eager, so shapes may vary.
+- gathered (the CPU default): the rows that decode take part, attending to their slots' first `window`
+  positions (the longest row's length). Rows in consecutive slots read the cache as a view; the engine
+  fills a few idle slots between decoding ones with scratch rows (below) to keep them consecutive, and
+  gathers the keys of rows in scattered slots. Eager, so shapes may vary.
 - static (the CUDA default): every slot takes part and attends to the whole cache, with a length mask;
   slots with nothing to decode write to the cache's scratch column. Shapes never change, so the step can
   be compiled with torch.compile(mode="reduce-overhead"), which captures it in a CUDA graph.
@@ -69,8 +71,10 @@ class StepRunner:
         """One token for each row: ids (B,), or with `logprobs` rows of sampling.with_logprobs, as host lists.
         Static: one row per slot, in slot order. Gathered: the rows given, each with its own slot.
         filters / greedy: some row uses top-k or top-p / no row samples (see sampling.sample)."""
-        # exactly the longest row's keys: in bf16 a wider masked window changes the kernel's rounding
-        window = None if self.static else max(row[POSITION] for row in ints) + 1
+        # exactly the longest row's keys: in bf16 a wider masked window changes the kernel's rounding. A row at the
+        # scratch column has nothing to decode (an idle slot between decoding ones): it sets no window
+        scratch = self.cache.scratch
+        window = None if self.static else max(row[POSITION] for row in ints if row[POSITION] != scratch) + 1
         consecutive = None  # rows in consecutive slots read the cache as a view instead of a gather
         first = ints[0][SLOT]
         if not self.static and all(row[SLOT] == first + b for b, row in enumerate(ints)):

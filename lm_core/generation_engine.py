@@ -156,7 +156,7 @@ class GenerationEngine:
 
     # --- the step ------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode()  # not just no_grad: no view or version tracking per op (measured: ~5-10% of a CPU step)
     def step(self) -> None:
         """One scheduling step: admit, prefill, decode, emit (see the module doc)."""
         self._admit()
@@ -211,18 +211,26 @@ class GenerationEngine:
         return groups + ([batch] if batch else []), decode
 
     def _decode(self, rows: list[Row]) -> list:
-        if self.static:  # one row per slot; slots without a token to decode write to the scratch column
-            by_slot = {r.slot: r for r in rows}
-            ints = [by_slot[s].ints(s, len(by_slot[s].tokens) - 1) if s in by_slot else [s, 0, self.cache.scratch, 0, 0, 0]
-                    for s in range(self.cache.slots)]
-            floats = [by_slot[s].floats() if s in by_slot else [0.0, 1.0] for s in range(self.cache.slots)]
+        rows.sort(key=lambda r: r.slot)
+        first, last = rows[0].slot, rows[-1].slot
+        if self.static:
+            span = range(self.cache.slots)  # one row per slot: the fixed shape
+        elif last - first + 1 <= 2 * len(rows):
+            # the rows' slots and the few idle ones between them (a slot prefilling this step, or waiting for its
+            # client's next request): consecutive slots read the cache as a view, and an idle slot's extra row
+            # costs less than gathering every row's keys and values (measured: 8 rows around one idle slot,
+            # ~15% of the step)
+            span = range(first, last + 1)
         else:
-            rows.sort(key=lambda r: r.slot)  # consecutive slots read the cache without a gather
-            ints = [r.ints(r.slot, len(r.tokens) - 1) for r in rows]
-            floats = [r.floats() for r in rows]
+            span = [r.slot for r in rows]  # scattered slots: gather only the rows that decode
+        by_slot = {r.slot: r for r in rows}
+        # slots without a token to decode write to the scratch column, and their output is dropped
+        ints = [by_slot[s].ints(s, len(by_slot[s].tokens) - 1) if s in by_slot else [s, 0, self.cache.scratch, 0, 0, 0]
+                for s in span]
+        floats = [by_slot[s].floats() if s in by_slot else [0.0, 1.0] for s in span]
         outs = self.runner.decode(ints, floats, filters=any(r.request.sampling.filters for r in rows),
                                   logprobs=any(r.request.logprobs for r in rows), greedy=all(f[0] == 0 for f in floats))
-        return [outs[r.slot] for r in rows] if self.static else outs
+        return [outs[r.slot - span[0]] for r in rows] if span[-1] - span[0] + 1 == len(span) else outs
 
     def _prefill(self, rows: list[Row]) -> tuple[list, list | None]:
         inputs = [r.tokens[-self.max_len:] for r in rows]  # a row longer than the cache slides (module doc)

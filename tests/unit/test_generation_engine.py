@@ -164,6 +164,29 @@ def test_a_decode_step_reads_only_the_chosen_ids(model, static, monkeypatch):
     assert tolist_calls == [(3,), (3,)]  # one read of the ids per step, every row's together
 
 
+def test_an_idle_slot_between_decoding_rows_keeps_the_cache_read_a_view(model, monkeypatch):
+    """Rows in slots 0 and 2 with slot 1 idle (its request finished) decode over slots 0..2, the idle one on the
+    scratch column, instead of gathering their keys; and each still gets what it gets alone."""
+    engine = GenerationEngine(model, EngineConfig(slots=3, max_len=32))
+    got = Collector()
+    prompts = [[1, 5, 9], [4, 4], [7, 2, 30, 8]]
+    budgets = [10, 2, 12]
+    ids = [engine.submit(got.request(p, SamplingConfig(max_new_tokens=n, temperature=0.8, seed=i)))
+           for i, (p, n) in enumerate(zip(prompts, budgets))]
+    engine.step(), engine.step()
+    assert got.finish(ids[1]) == "length" and engine.stats.running == 2  # slot 1 is free, 0 and 2 decode
+    reads = []
+    real = engine.cache.write_and_read
+    monkeypatch.setattr(engine.cache, "write_and_read", lambda *a, **kw: reads.append(a[4]) or real(*a, **kw))
+    engine.step()
+    assert reads and all(r == slice(0, 3) for r in reads), reads  # one view of slots 0..2 per layer, no gather
+    scratch_before = engine.cache.k[:, 1, :, :engine.cache.scratch].clone()
+    drain(engine)
+    assert torch.equal(engine.cache.k[:, 1, :, :engine.cache.scratch], scratch_before)  # the idle slot's keys stay
+    alone = [generate(model, p, SamplingConfig(max_new_tokens=n, temperature=0.8, seed=i))
+             for i, (p, n) in enumerate(zip(prompts, budgets))]
+    assert [got.tokens(i) for i in ids] == alone
+
 def test_the_engine_loop_serves_other_threads(model):
     engine = GenerationEngine(model, EngineConfig(slots=2, max_len=32)).start()
     try:
