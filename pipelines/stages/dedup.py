@@ -56,6 +56,8 @@ def run(cfg: PipelineConfig, ws: Workspace, ingest: StageResult, force: bool = F
 
     def _build(out: Path, timings: dict[str, float], work: Path) -> dict:
         with ws.duckdb() as con, (task_pool(cfg.flow) if partitioned(cfg) else nullcontext()) as pool:
+            if pool is not None:  # worker start-up overlaps the serial work before the first partition task
+                pool.warm("duckdb", "pyarrow", "pipelines.data.neardup_partitioned")
             catalog.ensure_schema(con)
             if cfg.flow.data_workers:
                 con.execute(f"SET threads = {int(cfg.flow.data_workers)}")
