@@ -57,7 +57,8 @@ def run(cfg: PipelineConfig, ws: Workspace, ingest: StageResult, force: bool = F
     def _build(out: Path, timings: dict[str, float], work: Path) -> dict:
         with ws.duckdb() as con, (task_pool(cfg.flow) if partitioned(cfg) else nullcontext()) as pool:
             if pool is not None:  # worker start-up overlaps the serial work before the first partition task
-                pool.warm("duckdb", "pyarrow", "pipelines.data.neardup_partitioned")
+                pool.warm("duckdb", "pyarrow", "pipelines.data.neardup_partitioned", "pipelines.data.data_report",
+                          "matplotlib.figure")
             catalog.ensure_schema(con)
             if cfg.flow.data_workers:
                 con.execute(f"SET threads = {int(cfg.flow.data_workers)}")
@@ -96,7 +97,7 @@ def run(cfg: PipelineConfig, ws: Workspace, ingest: StageResult, force: bool = F
                         WHERE s.dedup_key = ? AND s.status = 'kept'""", [dedup_key])
             exact_clusters = catalog.scalar(con, "SELECT count(DISTINCT first) FROM dedup_exact WHERE rank > 1")
             con.commit()
-            data_report.write_stage_report(con, snapshot, dedup_key, out)  # JSON, Markdown and a PNG plot
+            data_report.write_stage_report(con, snapshot, dedup_key, out, pool)  # JSON, Markdown and a PNG plot
         report = {"snapshot": snapshot, "read": read, "kept": kept, "dropped": sum(by_reason.values()),
                   "dropped_by_reason": by_reason, "kept_bytes": int(kept_bytes or 0),
                   "exact_clusters": int(exact_clusters), "contaminated": contaminated, **near,
