@@ -56,9 +56,6 @@ def run(cfg: PipelineConfig, ws: Workspace, ingest: StageResult, force: bool = F
 
     def _build(out: Path, timings: dict[str, float], work: Path) -> dict:
         with ws.duckdb() as con, (task_pool(cfg.flow) if partitioned(cfg) else nullcontext()) as pool:
-            if pool is not None:  # worker start-up overlaps the serial work before the first partition task
-                pool.warm("duckdb", "pyarrow", "pipelines.data.neardup_partitioned", "pipelines.data.data_report",
-                          "matplotlib.figure")
             catalog.ensure_schema(con)
             if cfg.flow.data_workers:
                 con.execute(f"SET threads = {int(cfg.flow.data_workers)}")
@@ -78,6 +75,8 @@ def run(cfg: PipelineConfig, ws: Workspace, ingest: StageResult, force: bool = F
             t = time.perf_counter()
             near, result = _near(con, snapshot, cfg, base, pool, work / "near") if cfg.dedup.method == "near" else ({}, None)
             timings["near_s"] = time.perf_counter() - t
+            if pool is not None:  # the workers are idle from here on: they load the plot's imports (see data_report)
+                pool.warm("pipelines.data.data_report", "matplotlib.figure")
             _write_status(con, dedup_key, snapshot)
             if cfg.dedup.incremental:
                 incremental.record(con, cfg.dedup, dedup_key, snapshot, base,
