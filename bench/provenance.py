@@ -36,7 +36,8 @@ SOURCES: dict[str, list[str]] = {
     "dedup": ["pipelines/data/neardup.py", "pipelines/stages/dedup.py", "pipelines/data/quality.py"],
     "data_scale": ["pipelines/data/neardup.py", "pipelines/data/neardup_partitioned.py", "pipelines/data/task_pool.py",
                    "pipelines/data/sources.py", "pipelines/data/documents.py", "pipelines/data/file_groups.py",
-                   "pipelines/data/normalize.py", "pipelines/data/quality.py",
+                   "pipelines/data/normalize.py", "pipelines/data/quality.py", "pipelines/data/staging.py",
+                   "pipelines/data/source_config.py",
                    "pipelines/stages/dedup.py", "pipelines/stages/ingest.py"],
     # CI's time is the time of everything it installs, lints and tests
     "ci": ["lm_core/*.py", "pipelines/**/*.py", "flows/*.py", "bench/*.py", "tests/**/*.py", "configs/*.yaml",

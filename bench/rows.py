@@ -238,7 +238,8 @@ def data_scale_row(r: dict) -> tuple[str, str]:
             f"dedup stage at 100k docs {r['dedup_stage_ratio']}× on 2 workers (target ≥ 1.6×: {_met(r['dedup_stage_ratio'] >= 1.6)}); "
             f"ingest of {small['files']:,} small files {small['files_per_s']:,} files/s (target ≥ 2,000: "
             f"{_met(small['files_per_s'] >= 2000)}), {small['mb_per_s']} MB/s, {large['mb']:.0f} MB in larger files "
-            f"{large['mb_per_s']} MB/s (target ≥ 50 MB/s: {_met(max(small['mb_per_s'], large['mb_per_s']) >= 50)}), peak RSS "
+            f"{large['mb_per_s']} MB/s (target ≥ 50 MB/s: {_met(max(small['mb_per_s'], large['mb_per_s']) >= 50)}), "
+            f"{_both_targets(ing)}peak RSS "
             f"{small['peak_rss_mb']:,} MB; exact dedup {r['exact'][f'{top}/1']['docs_per_s']:,} docs/s")
     return text, f"{r['ratio']}× one worker's near-dup docs/s ({top:,} docs, 2 workers; target ≥ 1.6×: {_met(r['ratio'] >= 1.6)})"
 
@@ -251,6 +252,17 @@ def ci_row(r: dict) -> tuple[str, str]:
             f"({_n(r['install_s'])} s, pip cache warm): {counts.get('passed', 0)} passed, {counts.get('skipped', 0)} skipped, "
             f"{counts.get('failed', 0)} failed; test command {minutes} (pytest's own {_n(r['pytest_s'])} s); slowest: {slow}")
     return text, f"{r['ratio']}× the 15-minute budget for the test command (target < 1×: {_met(r['ratio'] < 1)})"
+
+
+def _both_targets(ing: dict) -> str:
+    """The ingest row of ~24 KB files (where 2,000 files/s = 50 MB/s), on its best worker count; "" before it existed."""
+    runs = [v for k, v in ing.items() if k.startswith("4000x64/")]
+    if not runs:
+        return ""
+    best = max(runs, key=lambda v: v["mb_per_s"])
+    met = best["files_per_s"] >= 2000 and best["mb_per_s"] >= 50
+    return (f"{best['files']:,} files of ~{best['mb'] * 1e6 / best['files'] / 1e3:.0f} KB {best['files_per_s']:,} files/s = "
+            f"{best['mb_per_s']} MB/s (both targets at once: {_met(met)}), ")
 
 
 ROWS: dict[str, Callable[[dict], tuple[str, str]]] = {
@@ -355,7 +367,8 @@ def _data_scale_missed(r: dict) -> list[str]:
     if small["files_per_s"] < 2000 or best_mb < 50:
         out.append(f"ingest: {small['files']:,} small files at {small['files_per_s']:,} files/s (target ≥ 2,000: "
                    f"{'met' if small['files_per_s'] >= 2000 else 'missed'}) but {small['mb_per_s']} MB/s, and at most {best_mb} MB/s "
-                   "on larger files (target ≥ 50 MB/s): splitting, keys and Arrow building are Python, ~20 MB/s per core.")
+                   "on larger files (target ≥ 50 MB/s): splitting, keys and Arrow building are Python, and DuckDB's "
+                   "write of the catalog (compressing and checkpointing the text) costs ~1 s per 75 MB in one process.")
     return out
 
 

@@ -16,37 +16,10 @@ from lm_core.tokenizer import TokenizerConfig
 from lm_core.train_config import TrainConfig
 from lm_core.typed_config import ConfigError, build, to_dict
 from pipelines.data.neardup import NearDupConfig
+from pipelines.data.normalize import NormalizeConfig
+from pipelines.data.source_config import SourceConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-@dataclass
-class SourceConfig:
-    kind: Literal["shakespeare", "stdlib", "text_dir", "jsonl", "parquet", "csv"] = "shakespeare"
-    name: str = ""  # defaults to kind
-    path: str | None = None  # text_dir: a directory or file; jsonl: a .jsonl(.gz/.zst) file or a directory of them;
-    # parquet/csv: a file, a glob, or a URI DuckDB reads (s3://, https://, hf:// need DuckDB's httpfs, online)
-    glob: str = "**/*.txt"  # text_dir: which files under path
-    text_field: str = "text"  # jsonl/parquet/csv: the field (column) holding the document text
-    doc_chars: int = 4000  # cut long files into documents of about this size at blank lines; 0: one per file
-    max_docs: int | None = None  # stop after this many documents (smoke runs)
-
-    def validate(self) -> None:
-        if self.kind in ("text_dir", "jsonl", "parquet", "csv") and not self.path:
-            raise ConfigError(f"ingest.sources: a '{self.kind}' source needs 'path'; set path: /dir/with/files")
-        if self.doc_chars < 0:
-            raise ConfigError(f"ingest.sources[{self.label}].doc_chars={self.doc_chars} must be >= 0")
-
-    @property
-    def label(self) -> str:
-        return self.name or self.kind
-
-
-@dataclass
-class NormalizeConfig:
-    nfc: bool = True  # Unicode NFC
-    strip_control: bool = True  # drop control characters other than \t and \n
-    whitespace: Literal["keep", "trim_lines", "collapse"] = "keep"  # trim_lines: no trailing spaces, <= 1 blank line
 
 
 @dataclass

@@ -141,13 +141,19 @@ def _table(title: str, columns: list[str], rows: list[list]) -> Any:
     return t
 
 
-def write_stage_report(con: Any, snapshot: str, dedup_key: str, out: Path) -> dict:
-    """The dedup run's report beside its output: data_report.json, .md and .png."""
+def write_stage_report(con: Any, snapshot: str, dedup_key: str, out: Path, pool: Any = None) -> dict:
+    """The dedup run's report beside its output: data_report.json, .md and .png. With a pool of worker processes
+    (a pipelines.data.task_pool.TaskPool) a worker draws the plot: importing matplotlib and drawing cost ~0.5 s
+    that the stage's process would spend alone at its end; the stage has its idle workers import matplotlib while
+    it writes the verdicts."""
     e = entry(con, snapshot, dedup_key)
     e["length_histogram"] = [{"bin": b, "kept": k, "dropped": d} for b, k, d in length_histogram(con, dedup_key)]
     (out / REPORT_JSON).write_text(json.dumps(e, indent=2))
     (out / REPORT_MD).write_text(markdown(e))
-    _plot(e, out / REPORT_PNG)
+    if pool is not None and not pool.inline:
+        pool.map(_plot, [(e, out / REPORT_PNG)])
+    else:
+        _plot(e, out / REPORT_PNG)
     return e
 
 

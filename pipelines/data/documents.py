@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.config import SourceConfig
+from pipelines.data.source_config import SourceConfig
 
 PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 STREAM_BYTES = 32 << 20  # larger text files are decoded and cut into documents block by block
@@ -96,7 +96,8 @@ def text_documents(src: SourceConfig, uri: str, data: bytes, row: int | None = N
         yield Record(src.label, uri, None, "bad_encoding", f"{exc}: {data[max(0, exc.start - 40):exc.start + 40]!r}", no)
         return
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if not text.strip():  # accounted for here, whatever doc_chars is: chunking would yield nothing
+    # blank (not text.strip(), without its copy): accounted for here, whatever doc_chars is: chunking would yield nothing
+    if not text or text.isspace():
         yield Record(src.label, uri, None, "empty", "", no)
         return
     if not src.doc_chars:
@@ -107,13 +108,19 @@ def text_documents(src: SourceConfig, uri: str, data: bytes, row: int | None = N
 
 
 def chunks(text: str, target: int) -> Iterator[str]:
-    """Consecutive paragraphs joined until a chunk reaches `target` characters."""
-    chunks = ChunkBuilder(target)
+    """Consecutive paragraphs joined until a chunk reaches `target` characters: ChunkBuilder's rule, inlined
+    (this loop runs once per paragraph of every file)."""
+    parts, size = [], 0
     for paragraph in PARAGRAPH_BREAK.split(text):
-        if (chunk := chunks.add(paragraph)) is not None:
-            yield chunk
-    if (chunk := chunks.flush()) is not None:
-        yield chunk
+        if not paragraph or paragraph.isspace():
+            continue
+        parts.append(paragraph)
+        size += len(paragraph) + 2
+        if size >= target:
+            yield "\n\n".join(parts)
+            parts, size = [], 0
+    if parts:
+        yield "\n\n".join(parts)
 
 
 class ChunkBuilder:
@@ -123,7 +130,7 @@ class ChunkBuilder:
         self.target, self.parts, self.size = target, [], 0
 
     def add(self, paragraph: str) -> str | None:
-        if not paragraph.strip():
+        if not paragraph or paragraph.isspace():  # blank: not paragraph.strip(), without the copy
             return None
         self.parts.append(paragraph)
         self.size += len(paragraph) + 2

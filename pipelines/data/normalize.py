@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-
-from pipelines.config import NormalizeConfig
+from dataclasses import dataclass
+from typing import Literal
 
 # C0/C1 controls, DEL, and the zero-width/bidi format characters that hide in scraped text;
 # \t and \n stay (line structure matters to verse and to source code). \r is gone by now.
@@ -24,6 +24,12 @@ _ANY_SPACE = re.compile(r"\s+")
 _ASCII_CONTROL = bytes([*range(0x00, 0x09), *range(0x0b, 0x20), 0x7f])  # what _CONTROL matches in ASCII text
 _ASCII_ONLY_STR_SPACE = (b"\x1c", b"\x1d", b"\x1e", b"\x1f")  # whitespace to str.split(), not to bytes.split()
 
+
+@dataclass
+class NormalizeConfig:
+    nfc: bool = True  # Unicode NFC
+    strip_control: bool = True  # drop control characters other than \t and \n
+    whitespace: Literal["keep", "trim_lines", "collapse"] = "keep"  # trim_lines: no trailing spaces, <= 1 blank line
 
 
 def normalize_text(text: str, cfg: NormalizeConfig) -> str:

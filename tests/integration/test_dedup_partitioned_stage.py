@@ -67,6 +67,8 @@ def test_partitioned_stage_writes_the_plain_stages_verdicts(tmp_path):
     procs = run(procs_cfg)
     assert procs.key == plain.key and verdicts(procs_cfg, procs) == verdicts(plain_cfg, plain)
     assert procs.metrics["near_candidates"] == plain.metrics["near_candidates"]
+    png = (procs.dir / "data_report.png").read_bytes()  # drawn by a worker process
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert not any((Workspace(procs_cfg.workspace).artifacts / "dedup" / ".work").iterdir())  # scratch removed
 
     write_corpus(tmp_path, seed=1, n_originals=30)  # a second snapshot: judged against what the first kept

@@ -31,11 +31,12 @@ def make_corpus(root):
     (root / "lines" / "a.jsonl").write_text("\n".join(LINES) + "\n")
 
 
-def config(root, ws, partition_bytes: int = 1):
+def config(root, ws, partition_bytes: int = 1, *overrides):
     """partition_bytes=1: every file is its own partition (the per-file test below counts them)."""
     sources = (f"[{{kind: text_dir, name: docs, path: {root / 'texts'}, doc_chars: 0}}, "
                f"{{kind: jsonl, name: lines, path: {root / 'lines'}}}]")
-    return load_config("tiny", [f"workspace={ws}", f"ingest.sources={sources}", f"ingest.partition_bytes={partition_bytes}"])
+    return load_config("tiny", [f"workspace={ws}", f"ingest.sources={sources}", f"ingest.partition_bytes={partition_bytes}",
+                                *overrides])
 
 
 def rows(cfg, snapshot) -> set[tuple]:
@@ -138,6 +139,27 @@ def test_grouped_small_files_reread_only_the_group_that_changed(tmp_path):
     with ws.duckdb(read_only=True) as con:  # every row knows its partition, and every partition its rows
         assert catalog.scalar(con, """SELECT count(*) FROM documents d ANTI JOIN ingest_partitions p
                                       ON p.snapshot = d.snapshot AND p.partition_key = d.partition_key""") == 0
+
+
+def test_worker_processes_stage_the_rows_one_process_does(tmp_path):
+    """flow.data_workers=2 stages the partitions in worker processes: the same rows as in one process, with the
+    content hash (md5 in the worker) equal to DuckDB's md5 of the stored text and the exact key to its own rule."""
+    from pipelines.data.normalize import exact_key
+
+    root = tmp_path / "corpus"
+    make_corpus(root)
+    for i in range(200):
+        text = f"Caf\u00e9 \u00a0{i}\u3000NA\u00cfVE  text\r\n\twith\x0bcontrols\x07 " + TEXTS["t0.txt"][: 50 + i]
+        (root / "texts" / f"u{i:04d}.txt").write_text(text if i % 7 else "  \n")
+    one_cfg = config(root, tmp_path / "one", 4096)
+    one = ingest.run(one_cfg, Workspace(one_cfg.workspace))
+    procs_cfg = config(root, tmp_path / "procs", 4096, "flow.data_workers=2")
+    procs = ingest.run(procs_cfg, Workspace(procs_cfg.workspace))
+    assert one.metrics["partitions"] >= 4 and one.metrics["quarantine_reasons"] == {"empty": 29, "malformed_json": 1}
+    assert procs.key == one.key and rows(procs_cfg, procs.key) == rows(one_cfg, one.key)
+    with Workspace(procs_cfg.workspace).duckdb(read_only=True) as con:
+        assert catalog.scalar(con, "SELECT count(*) FROM documents WHERE content_hash <> md5(text)") == 0
+        assert all(norm == exact_key(text) for text, norm in catalog.rows(con, "SELECT text, norm_hash FROM documents"))
 
 
 def test_an_old_catalog_gains_the_provenance_columns(tmp_path):

@@ -101,3 +101,20 @@ def test_ascii_fast_paths_of_normalization_equal_the_general_ones():
         text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
         assert normalize.exact_key(text) == hashlib.md5(" ".join(text.lower().split()).encode()).hexdigest(), repr(text)
         assert normalize.normalize_text(text, NormalizeConfig()) == CONTROL.sub("", text), repr(text)
+
+
+def test_exact_key_equals_split_and_join_on_unicode_text():
+    """exact_key must equal md5(" ".join(text.lower().split())) over every character str.split() splits on,
+    runs of spaces and letters whose case changes."""
+    import hashlib
+    import sys
+
+    from pipelines.data import normalize
+
+    spaces = [chr(i) for i in range(sys.maxunicode + 1) if chr(i).isspace()]
+    cased = list("\u00e9\u00c5\u00df\u0130\u03a3\u03c2\u2019\u201c\u20ac\u01c5\u1e9e")
+    alphabet = [chr(i) for i in range(128)] + spaces + cased + [" "] * 20
+    rng = random.Random(1)
+    for _ in range(5000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 60)))
+        assert normalize.exact_key(text) == hashlib.md5(" ".join(text.lower().split()).encode()).hexdigest(), repr(text)
