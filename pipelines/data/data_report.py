@@ -77,7 +77,6 @@ def full_report(con: Any, ws: Workspace, examples: int = 3) -> dict:
     entries = accounting(con)
     times = report_details.snapshot_times(ws, sorted({e["snapshot"] for e in entries}))
     newest = report_details.latest(times)
-    ngram = NearDupConfig().ngram
     for e in entries:
         made = times.get(e["snapshot"])
         e["created_at"], e["latest"] = made and made[0], e["snapshot"] == newest
@@ -86,9 +85,20 @@ def full_report(con: Any, ws: Workspace, examples: int = 3) -> dict:
         if e["dedup_key"] is not None:
             e["balanced"] = balanced(e)
             e["length_histogram"] = [{"bin": b, "kept": k, "dropped": d} for b, k, d in length_histogram(con, e["dedup_key"])]
+            ngram = run_ngram(ws, e["dedup_key"])
+            e["similarity"] = f"Jaccard of {ngram}-word shingles"
             e["duplicate_examples"] = report_details.duplicate_examples(con, e["dedup_key"], examples, ngram)
     entries.sort(key=lambda e: (e["snapshot"] == newest, (times.get(e["snapshot"]) or ("", 0))[1]), reverse=True)
-    return {"latest_snapshot": newest, "similarity": f"Jaccard of {ngram}-word shingles", "entries": entries}
+    return {"latest_snapshot": newest, "entries": entries}
+
+
+def run_ngram(ws: Workspace, dedup_key: str) -> int:
+    """The shingle width the dedup run `dedup_key` judged near duplicates with (its stage report says; runs from
+    before it was recorded used 5, the default until word 3-grams)."""
+    path = ws.stage_dir("dedup", dedup_key) / "report.json"
+    if path.is_file():
+        return int(json.loads(path.read_text()).get("near_ngram", 5))
+    return NearDupConfig().ngram  # no stage output (removed): the current default
 
 
 def print_report(report: dict) -> None:
@@ -124,7 +134,7 @@ def print_report(report: dict) -> None:
             console.print(_table("quarantined, examples", ["reason", "where", "snippet"],
                                  [[x["reason"], x["uri"], x["snippet"]] for x in e["quarantine_examples"]]))
         if e.get("duplicate_examples"):
-            console.print(_table(f"duplicates, examples (similarity: {report['similarity']})",
+            console.print(_table(f"duplicates, examples (similarity: {e['similarity']})",
                                  ["reason", "dropped", "kept copy", "similarity", "dropped text"],
                                  [[x["reason"], x["uri"], x["kept_uri"],
                                    f"{x['similarity']:.3f}", x["snippet"]] for x in e["duplicate_examples"]]))

@@ -100,6 +100,7 @@ def run(cfg: PipelineConfig, ws: Workspace, ingest: StageResult, force: bool = F
         report = {"snapshot": snapshot, "read": read, "kept": kept, "dropped": sum(by_reason.values()),
                   "dropped_by_reason": by_reason, "kept_bytes": int(kept_bytes or 0),
                   "exact_clusters": int(exact_clusters), "contaminated": contaminated, **near,
+                  "near_ngram": cfg.dedup.near.ngram,  # `lmforge data report` shows similarity at this run's width
                   **{k: round(v, 3) for k, v in timings.items()}}
         (out / "report.json").write_text(json.dumps(report, indent=2))
         return report

@@ -157,6 +157,7 @@ def test_data_report_marks_the_latest_snapshot_and_shows_sources_and_examples(tm
              for x in newest["duplicate_examples"]}
     assert pairs[("exact_duplicate", "b_exact.txt", "a1.txt")] == 1.0
     assert 0.8 <= pairs[("near_duplicate", "c_near.txt", "a0.txt")] < 1.0
+    assert newest["similarity"] == f"Jaccard of {cfg.dedup.near.ngram}-word shingles"  # the width the run judged with
     assert len([k for k in pairs if k[0] == "exact_duplicate"]) == 2  # --examples 2 of the 3 exact copies
 
     assert main(["data", "report", "--workspace", str(ws.root)]) == 0
