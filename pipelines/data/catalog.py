@@ -56,6 +56,8 @@ def split_texts(con: Any, split_key: str, split: str, batch_size: int = 512, ord
     """Batches of (doc_id, text) of one split, streamed so a large split never sits in memory whole."""
     cursor = con.cursor()
     try:
+        database = scalar(con, "SELECT current_database()")
+        cursor.execute(f'USE "{database}"')  # a cursor starts in the connection's default database, not in con's
         cursor.execute(
             f"""SELECT d.doc_id, d.text FROM splits s
                 JOIN documents d ON d.snapshot = s.snapshot AND d.doc_id = s.doc_id

@@ -39,6 +39,32 @@ class TaskPool:
         futures = [self._executor.submit(fn, *args) for args in arg_tuples]
         return [f.result() for f in futures]
 
+    def batches(self, fn: Callable, arg_tuples: Sequence[tuple], most: int) -> Iterator[list]:
+        """The results of `fn(*args)` in submission order, as lists of consecutive results: each list waits for
+        the next result, then takes those after it that are already done, up to `most`. A consumer that works
+        on each list as it comes (ingest loading partitions into the catalog) overlaps the tasks still running,
+        and its lists grow when it falls behind. Inline, the tasks run `most` at a time as the lists are asked for."""
+        if self.inline:
+            for i in range(0, len(arg_tuples), max(1, most)):
+                yield [fn(*args) for args in arg_tuples[i:i + max(1, most)]]
+            return
+        if self._client is not None:
+            futures = [self._client.submit(fn, *args, pure=False) for args in arg_tuples]
+        else:
+            futures = [self._executor.submit(fn, *args) for args in arg_tuples]
+        i = 0
+        try:
+            while i < len(futures):
+                batch = [futures[i].result()]
+                i += 1
+                while i < len(futures) and len(batch) < most and futures[i].done():
+                    batch.append(futures[i].result())
+                    i += 1
+                yield batch
+        finally:  # the consumer failed or stopped early: the tasks not yet started are not run
+            for future in futures[i:]:
+                future.cancel()
+
     def warm(self, *modules: str) -> None:
         """Start local worker processes now, importing `modules` in each, without waiting: a spawned worker
         otherwise starts (and imports DuckDB, pyarrow, ...) only when the first task arrives, while this

@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,11 +32,11 @@ from pipelines.config import ConfigError, PipelineConfig, SourceConfig
 from pipelines.data import catalog, decontam
 from pipelines.data.sources import check_source, source_partitions
 from pipelines.data.staging import arrow_int64s, arrow_strings, stage_partition
-from pipelines.data.task_pool import check_cluster, task_pool
+from pipelines.data.task_pool import TaskPool, check_cluster, task_pool
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
 STAGE, VERSION = "ingest", "5"  # 5: staged documents carry their content hash (md5 in the workers)
-LOAD_BATCH = 16  # staged partitions loaded into the catalog per INSERT
+LOAD_BATCH = 16  # staged partitions loaded into the catalog per INSERT, at most
 LOAD_MEMORY_LIMIT = "256MB"  # DuckDB's buffer cap while ingest loads the catalog
 COLUMNS = "snapshot, doc_id, source, uri, text, n_bytes, content_hash, norm_hash, record_no, partition_key"
 BAD_COLUMNS = "snapshot, source, uri, reason, snippet, record_no, partition_key"
@@ -131,11 +133,9 @@ def run(cfg: PipelineConfig, ws: Workspace, force: bool = False) -> StageResult:
             for table in ("documents", "quarantine", "ingest_partitions"):
                 con.execute(f"DELETE FROM {table} WHERE snapshot = ?", [snapshot])
             copied = set() if force else _copy(con, snapshot, [p.key for p in parts])
-            todo = [p for p in parts if p.key not in copied]
-            for counts, p in zip(_stage(cfg, ws, todo), todo):
-                loaded.append((p, counts))
-            for i in range(0, len(loaded), LOAD_BATCH):
-                _load(con, snapshot, loaded[i:i + LOAD_BATCH], ws)
+            for batch in _staged(cfg, ws, [p for p in parts if p.key not in copied]):
+                _load(con, snapshot, batch, ws)  # while the workers stage the partitions after these
+                loaded += batch
             report = _totals(con, snapshot)
             if report["documents"] == 0:
                 con.rollback()
@@ -180,14 +180,17 @@ def _copy(con, snapshot: str, keys: list[str]) -> set[str]:
     return {k for (k,) in catalog.rows(con, "SELECT partition_key FROM ingest_reuse")}
 
 
-def _stage(cfg: PipelineConfig, ws: Workspace, todo: list[Partition]) -> list[dict]:
-    """Counts of each partition, staging those not staged yet (the Prefect flow may have staged them as Dask
-    tasks already) on the flow's task pool: the Dask cluster, or flow.data_workers local processes; else here."""
+def _staged(cfg: PipelineConfig, ws: Workspace, todo: list[Partition]) -> Iterator[list[tuple[Partition, dict]]]:
+    """The partitions with their counts, in order, a few at a time as they are staged (up to LOAD_BATCH): those
+    not staged yet (the Prefect flow may have staged them as Dask tasks already) run on the flow's task pool,
+    the Dask cluster or flow.data_workers local processes; else here, LOAD_BATCH at a time."""
     pending = [p for p in todo if not (staged_dir(ws, p) / "counts.json").is_file()]
-    if len(pending) > 1 and (cfg.flow.task_runner == "dask" or (cfg.flow.data_workers or 1) > 1):
-        with task_pool(cfg.flow) as pool:
-            pool.map(stage_partition, [_stage_args(cfg, ws, p) for p in pending])
-    return [ingest_partition(cfg, ws, p) for p in todo]  # reads counts.json of what is staged
+    parallel = len(pending) > 1 and (cfg.flow.task_runner == "dask" or (cfg.flow.data_workers or 1) > 1)
+    with task_pool(cfg.flow) if parallel else nullcontext(TaskPool(1)) as pool:
+        done = 0  # a staged partition's task just reads its counts.json
+        for counts in pool.batches(stage_partition, [_stage_args(cfg, ws, p) for p in todo], LOAD_BATCH):
+            yield list(zip(todo[done:done + len(counts)], counts))
+            done += len(counts)
 
 
 def _load(con, snapshot: str, batch: list[tuple[Partition, dict]], ws: Workspace) -> None:
