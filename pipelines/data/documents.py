@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import codecs
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,10 +70,9 @@ def streamed_documents(src: SourceConfig, path: Path) -> Iterator[Record]:
             pieces = PARAGRAPH_BREAK.split(pending[:cut])
             paragraphs = pieces if final else pieces[:-1]  # pieces[-1] is "" (the cut is a break's end)
             pending = pending[cut:]
-            for paragraph in paragraphs:
-                if (chunk := builder.add(paragraph)) is not None:
-                    yield Record(src.label, f"{uri}#{n_chunks}", chunk, record_no=n_chunks)
-                    n_chunks += 1
+            for chunk in builder.add_all(paragraphs):
+                yield Record(src.label, f"{uri}#{n_chunks}", chunk, record_no=n_chunks)
+                n_chunks += 1
             if final:
                 break
             data = f.read(STREAM_BLOCK)
@@ -108,19 +107,11 @@ def text_documents(src: SourceConfig, uri: str, data: bytes, row: int | None = N
 
 
 def chunks(text: str, target: int) -> Iterator[str]:
-    """Consecutive paragraphs joined until a chunk reaches `target` characters: ChunkBuilder's rule, inlined
-    (this loop runs once per paragraph of every file)."""
-    parts, size = [], 0
-    for paragraph in PARAGRAPH_BREAK.split(text):
-        if not paragraph or paragraph.isspace():
-            continue
-        parts.append(paragraph)
-        size += len(paragraph) + 2
-        if size >= target:
-            yield "\n\n".join(parts)
-            parts, size = [], 0
-    if parts:
-        yield "\n\n".join(parts)
+    """Consecutive paragraphs of `text` joined until a chunk reaches `target` characters (ChunkBuilder's rule)."""
+    builder = ChunkBuilder(target)
+    yield from builder.add_all(PARAGRAPH_BREAK.split(text))
+    if (last := builder.flush()) is not None:
+        yield last
 
 
 class ChunkBuilder:
@@ -129,12 +120,19 @@ class ChunkBuilder:
     def __init__(self, target: int):
         self.target, self.parts, self.size = target, [], 0
 
-    def add(self, paragraph: str) -> str | None:
-        if not paragraph or paragraph.isspace():  # blank: not paragraph.strip(), without the copy
-            return None
-        self.parts.append(paragraph)
-        self.size += len(paragraph) + 2
-        return self.flush() if self.size >= self.target else None
+    def add_all(self, paragraphs: Iterable[str]) -> Iterator[str]:
+        """The chunks that adding `paragraphs` in order completes; the rest waits for more, or for flush. One
+        loop over locals: it runs once per paragraph of every file ingested."""
+        parts, size, target = self.parts, self.size, self.target
+        for paragraph in paragraphs:
+            if not paragraph or paragraph.isspace():  # blank: not paragraph.strip(), without the copy
+                continue
+            parts.append(paragraph)
+            size += len(paragraph) + 2
+            if size >= target:
+                yield "\n\n".join(parts)
+                parts, size = [], 0
+        self.parts, self.size = parts, size
 
     def flush(self) -> str | None:
         chunk = "\n\n".join(self.parts) if self.parts else None
