@@ -9,7 +9,10 @@ process, and the sum over its worker processes).
   near    pipelines.data.neardup_partitioned on a DuckDB table of the corpus; 1 worker = in process,
           2 = two local worker processes (spawned inside the timed run)
   exact   the dedup stage's exact grouping (a DuckDB window over the ingest-time exact key)
-  stage   the whole dedup stage (quality rules, exact, near, verdicts) on an ingested workspace
+  stage   the whole dedup stage (quality rules, exact, near, verdicts, data report) on an ingested workspace,
+          at 100k and 1M documents; 1 worker = flow.data_workers=1 (one process, DuckDB on one thread, as for
+          near), 2 = flow.data_workers=2 (DuckDB on two threads for the quality rules, two worker processes
+          for near-dup and the report's plot)
   ingest  the ingest stage over N small text files (one paragraph each) in directories of 1,000, over
           2,000 larger files (~100 paragraphs, ~38 KB each) for MB/s, and over 4,000 files of ~64 paragraphs
           (~24 KB): the file size at which the two ingest targets, 2,000 files/s and 50 MB/s, are the same
@@ -149,7 +152,7 @@ def measure(spec: dict) -> dict:
         seconds = time.perf_counter() - t
     else:
         cfg = load_config("tiny", [f"workspace={spec['workspace']}", f"ingest.sources={spec['sources']}",
-                                   *([f"flow.data_workers={workers}"] if workers > 1 else [])])
+                                   *([f"flow.data_workers={workers}"] if workers else [])])
         ws = Workspace(cfg.workspace)
         t, cpu = time.perf_counter(), cpu_s()
         ing = ingest.run(cfg, ws, force=task == "ingest")
@@ -172,7 +175,7 @@ def run(argv: list[str]) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench data_scale")
     p.add_argument("--sizes", default="10000,100000,1000000", help="near-dup / exact corpus sizes (documents)")
     p.add_argument("--files", type=int, default=100_000, help="small files for the ingest measurement")
-    p.add_argument("--stage-docs", type=int, default=100_000, help="corpus size of the dedup-stage measurement")
+    p.add_argument("--stage-docs", default="100000,1000000", help="corpus sizes of the dedup-stage measurement")
     p.add_argument("--workers", default="1,2")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -192,13 +195,16 @@ def run(argv: list[str]) -> dict:
                 near[f"{n}/{w}"] = child("near", table=str(table), workers=w, work=str(tmp / f"work-{n}-{w}"))
                 exact[f"{n}/{w}"] = child("exact", table=str(table), workers=w)
             table.unlink()
-        stage_table = tmp / "stage.parquet"
-        write_table(stage_table, documents(args.stage_docs, base, seed=1))
-        sources = f"[{{kind: parquet, path: {stage_table}, doc_chars: 0}}]"
-        child("ingest", workspace=str(tmp / "stage-ws"), sources=sources, workers=1)
-        for w in workers:
-            stage[str(w)] = child("stage", workspace=str(tmp / "stage-ws"), sources=sources, workers=w)
-        shutil.rmtree(tmp / "stage-ws", ignore_errors=True)
+        stage_sizes = [int(s) for s in args.stage_docs.split(",")]
+        for n in stage_sizes:
+            stage_table = tmp / "stage.parquet"
+            write_table(stage_table, documents(n, base, seed=1))
+            sources = f"[{{kind: parquet, path: {stage_table}, doc_chars: 0}}]"
+            child("ingest", workspace=str(tmp / "stage-ws"), sources=sources, workers=1)
+            for w in workers:
+                stage[f"{n}/{w}"] = child("stage", workspace=str(tmp / "stage-ws"), sources=sources, workers=w)
+            shutil.rmtree(tmp / "stage-ws", ignore_errors=True)
+            stage_table.unlink()
         for n_files, per_file in sorted({(min(10_000, args.files), 1), (args.files, 1), (2_000, 100), (4_000, 64)}):
             files, name = tmp / f"files-{n_files}-{per_file}", f"{n_files}{'x' + str(per_file) if per_file > 1 else ''}"
             mb = write_files(files, documents(n_files * per_file, base, seed=2), per_file) / 1e6
@@ -218,7 +224,10 @@ def run(argv: list[str]) -> dict:
         "ratio": round(near[f"{top}/{w2}"]["docs_per_s"] / near[f"{top}/{w1}"]["docs_per_s"], 2),
         "ratio_means": f"near-dup docs/s with {w2} worker processes / with {w1}, at {top:,} documents",
         "near": near, "exact": exact, "dedup_stage": stage, "ingest": ingest_runs,
-        "dedup_stage_ratio": round(stage[str(w2)]["docs_per_s"] / stage[str(w1)]["docs_per_s"], 2),
+        "dedup_stage_ratio": round(stage[f"{stage_sizes[-1]}/{w2}"]["docs_per_s"] / stage[f"{stage_sizes[-1]}/{w1}"]["docs_per_s"], 2),
+        "dedup_stage_ratio_means": f"dedup stage docs/s with {w2} workers / with {w1}, at {stage_sizes[-1]:,} documents",
+        "dedup_stage_ratio_by_size": {str(n): round(stage[f"{n}/{w2}"]["docs_per_s"] / stage[f"{n}/{w1}"]["docs_per_s"], 2)
+                                      for n in stage_sizes},
         "same_result_every_worker_count": same,
         "total_s": round(time.perf_counter() - started),
         "notes": "keys are documents/workers (ingest: files/workers, 2000x100: 2,000 files of 100 paragraphs); "

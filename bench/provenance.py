@@ -38,6 +38,7 @@ SOURCES: dict[str, list[str]] = {
                    "pipelines/data/sources.py", "pipelines/data/documents.py", "pipelines/data/file_groups.py",
                    "pipelines/data/normalize.py", "pipelines/data/quality.py", "pipelines/data/staging.py",
                    "pipelines/data/source_config.py",
+                   "pipelines/data/catalog.py", "pipelines/workspace.py",
                    "pipelines/stages/dedup.py", "pipelines/stages/ingest.py"],
     # CI's time is the time of everything it installs, lints and tests
     "ci": ["lm_core/*.py", "pipelines/**/*.py", "flows/*.py", "bench/*.py", "tests/**/*.py", "configs/*.yaml",

@@ -160,15 +160,29 @@ def read_words(con: Any, sql: str, params: list | None = None) -> tuple[np.ndarr
     """Run `sql` (columns idx, text; ordered by idx) and return (idx, flat word hashes, offsets)."""
     table = con.sql(f"SELECT idx, {_WORDS_SQL.format(col='text')} AS h FROM ({sql}) ORDER BY idx",
                     params=params or []).to_arrow_table()
-    idx = table.column("idx").to_numpy()
+    idx = numpy_of(table.column("idx"))
     if len(idx) == 0:
         return idx, np.zeros(0, np.uint64), np.zeros(1, np.int64)
     lists = table.column("h").combine_chunks()
-    words = lists.values.to_numpy(zero_copy_only=False).astype(np.uint64, copy=False)
-    offsets = lists.offsets.to_numpy().astype(np.int64)
+    words = numpy_of(lists.values).astype(np.uint64, copy=False)
+    offsets = numpy_of(lists.offsets).astype(np.int64)
     if offsets[0]:
         words, offsets = words[offsets[0]:offsets[-1]], offsets - offsets[0]
     return idx, words, offsets
+
+
+_NUMPY_TYPES = {"int16": np.int16, "int32": np.int32, "int64": np.int64, "uint64": np.uint64}
+
+
+def numpy_of(array: Any) -> np.ndarray:
+    """An Arrow integer array (or column) without nulls as numpy, read from its data buffer. pyarrow's own
+    to_numpy imports pandas on its first call: ~0.3 s in every fresh worker process (each near-dup task's)."""
+    if hasattr(array, "combine_chunks"):
+        array = array.combine_chunks()
+    if array.null_count:
+        raise ValueError(f"numpy_of: {array.null_count} nulls in a {array.type} array")
+    dtype = np.dtype(_NUMPY_TYPES[str(array.type)])
+    return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
 
 
 def band_table(idx: np.ndarray, bands: np.ndarray):

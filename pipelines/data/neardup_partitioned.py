@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 
 from pipelines.data import neardup
-from pipelines.data.neardup import MinHasher, NearDupConfig, NearDupResult, components, jaccard, read_words, verify
+from pipelines.data.neardup import MinHasher, NearDupConfig, NearDupResult, components, jaccard, numpy_of, read_words, verify
 from pipelines.data.task_pool import TaskPool
 
 MAX_ROWS_PER_PARTITION = 100_000  # bounds a signature task's memory: ~(P*4 + shingles*4) bytes per document
-MIN_PAIRS_PER_CHUNK = 20_000
+MIN_PAIRS_PER_CHUNK = 5_000  # ~0.03 s of verifying: smaller chunks would cost more in task overhead than they save
 
 
 def _quote(path: Path | str) -> str:
@@ -86,7 +86,7 @@ def bucket_range(max_bucket: int, dirs: list[str], lo: int, hi: int, reference: 
         import pyarrow.parquet as pq
 
         t = pq.read_table(reference, columns=["band", "bucket", "idx"], filters=[("band", ">=", lo), ("band", "<", hi)])
-        rows = tuple(t.column(k).to_numpy() for k in ("band", "bucket", "idx"))
+        rows = tuple(numpy_of(t.column(k)) for k in ("band", "bucket", "idx"))
     return neardup.bucket_pairs(np.concatenate(idx) if idx else np.zeros(0, np.int64),
                         np.concatenate(bands) if bands else np.zeros((0, hi - lo), np.uint64), max_bucket, rows, lo)
 

@@ -122,5 +122,7 @@ def _chunks(array: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
     return array.chunks if isinstance(array, pa.ChunkedArray) else [array]
 
 
-def arrow_int64s(values: list[int]) -> pa.Array:
-    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(np.fromiter(values, np.int64, len(values)))])
+def arrow_int64s(values: list[int] | np.ndarray) -> pa.Array:
+    data = (np.ascontiguousarray(values, dtype=np.int64) if isinstance(values, np.ndarray)
+            else np.fromiter(values, np.int64, len(values)))
+    return pa.Array.from_buffers(pa.int64(), len(data), [None, pa.py_buffer(data)])

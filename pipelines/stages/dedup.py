@@ -33,6 +33,7 @@ from pipelines.data import catalog, data_report, decontam, incremental
 from pipelines.data.neardup import find_near_duplicates
 from pipelines.data.neardup_partitioned import MAX_ROWS_PER_PARTITION, export_texts, find_near_duplicates_partitioned
 from pipelines.data.quality import STATS_SQL, reason_sql
+from pipelines.data.staging import arrow_int64s
 from pipelines.data.task_pool import TaskPool, query_partition, task_pool
 from pipelines.workspace import StageResult, Workspace, run_stage, stage_key
 
@@ -56,6 +57,8 @@ def run(cfg: PipelineConfig, ws: Workspace, ingest: StageResult, force: bool = F
 
     def _build(out: Path, timings: dict[str, float], work: Path) -> dict:
         with ws.duckdb() as con, (task_pool(cfg.flow) if partitioned(cfg) else nullcontext()) as pool:
+            if pool is not None:  # local workers start (and import the near-dup code) during the quality SQL
+                pool.warm("pipelines.data.neardup_partitioned")
             catalog.ensure_schema(con)
             if cfg.flow.data_workers:
                 con.execute(f"SET threads = {int(cfg.flow.data_workers)}")
@@ -110,11 +113,13 @@ def run(cfg: PipelineConfig, ws: Workspace, ingest: StageResult, force: bool = F
 
 def _screen(con: Any, snapshot: str, cfg: PipelineConfig, pool: TaskPool | None, work: Path) -> None:
     """dedup_work: each document to judge with its priority idx (source order), quality verdict and exact
-    key; inherited kept documents come first as references (is_ref), not scored again. With a pool of
-    several workers the quality statistics (per document) are computed by its tasks, on exported partitions."""
+    key; inherited kept documents come first as references (is_ref), not scored again. On a Dask cluster the
+    quality statistics (per document) are computed by its tasks, on exported partitions; on one machine this
+    process's DuckDB computes them on flow.data_workers threads (measured at 100k documents and 2 workers:
+    1.35 s, against 1.9 s for exporting them to two worker processes)."""
     judged = "FROM documents WHERE snapshot = ? AND doc_id NOT IN (SELECT doc_id FROM dedup_inherit)"
     quality, stats = reason_sql(cfg.dedup.quality), f", {STATS_SQL}"
-    if pool is not None and not pool.inline:
+    if pool is not None and pool.distributed:
         con.execute(f"CREATE OR REPLACE TEMP TABLE dedup_quality_input AS SELECT doc_id, text {judged}", [snapshot])
         n_rows = catalog.scalar(con, "SELECT count(*) FROM dedup_quality_input")
         per = min(MAX_ROWS_PER_PARTITION, max(4096, -(-n_rows // (4 * pool.workers))))
@@ -215,8 +220,8 @@ def _near(con: Any, snapshot: str, cfg: PipelineConfig, base: tuple[str, str] | 
         result = find_near_duplicates_partitioned(con, "SELECT idx, text FROM dedup_near_input", n_docs, cfg.dedup.near,
                                                   pool, work, with_bands=cfg.dedup.incremental, **refs)
     if len(result.dropped):
-        con.register("near_batch", pa.table({"idx": result.dropped.astype(np.int64),
-                                             "survivor": result.survivor.astype(np.int64)}))
+        con.register("near_batch", pa.Table.from_arrays([arrow_int64s(result.dropped), arrow_int64s(result.survivor)],
+                                                        names=["idx", "survivor"]))
         con.execute("INSERT INTO dedup_near SELECT idx, survivor FROM near_batch")
         con.unregister("near_batch")
     con.execute("DROP TABLE dedup_near_input")
