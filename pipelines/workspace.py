@@ -122,6 +122,9 @@ class Workspace:
             try:
                 con.execute(f"ATTACH '{path}' AS catalog (ROW_GROUP_SIZE {CATALOG_ROW_GROUP_ROWS}{mode})")
                 con.execute("USE catalog")
+                # where DuckDB spills: beside the catalog, as for a connection opened on the file (an in-memory
+                # main database would spill to ./.tmp, wherever the user started the run)
+                con.execute(f"SET temp_directory = '{path}.tmp'")
             except duckdb.Error as exc:
                 con.close()
                 raise CatalogDamaged(self.catalog, exc) from None

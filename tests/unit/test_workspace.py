@@ -151,3 +151,20 @@ def test_duckdb_catalog_in_the_workspace(tmp_path):
     with ws.duckdb() as con:
         assert con.execute("SELECT x FROM t").fetchall() == [(42,)]
     assert ws.catalog.is_file()
+
+
+def test_catalog_connections_use_small_row_groups_and_spill_beside_the_catalog(tmp_path, monkeypatch):
+    """Every catalog connection attaches with CATALOG_ROW_GROUP_ROWS (ingest's load writes full row groups while
+    the workers stage; checkpoints run on several threads) and spills next to the catalog, not into ./.tmp of
+    wherever the run was started."""
+    from pipelines.workspace import CATALOG_ROW_GROUP_ROWS
+
+    monkeypatch.chdir(tmp_path)
+    ws = Workspace(tmp_path / "w")
+    rows = 3 * CATALOG_ROW_GROUP_ROWS
+    with ws.duckdb() as con:
+        con.execute(f"CREATE TABLE t AS SELECT range AS i FROM range({rows})")
+        assert con.execute("SELECT current_setting('temp_directory')").fetchall() == [(f"{ws.catalog}.tmp",)]
+    with ws.duckdb(read_only=True) as con:
+        groups = con.execute("SELECT count(DISTINCT row_group_id) FROM pragma_storage_info('t')").fetchall()[0][0]
+        assert groups == 3
