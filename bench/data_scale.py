@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -164,6 +165,8 @@ def measure(spec: dict) -> dict:
         else:
             n, out["mb"], out["partitions"] = ing.metrics["read"], ing.metrics["bytes"] / 1e6, ing.metrics["partitions"]
         seconds = time.perf_counter() - t
+    for proc in multiprocessing.active_children():  # a local pool does not wait for its workers to exit: reap them,
+        proc.join()                                 # or RUSAGE_CHILDREN would leave their CPU time out
     cpu = cpu_s() - cpu
     running[0] = False
     return {**out, "docs": n, "seconds": round(seconds, 3), "docs_per_s": round(n / seconds), "cpu_s": round(cpu, 2),
