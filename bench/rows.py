@@ -230,7 +230,7 @@ def data_scale_row(r: dict) -> tuple[str, str]:
     top = max(int(k.split("/")[0]) for k in near)
     one, two = near[f"{top}/1"], near[f"{top}/2"]
     small = ing[f"{max(int(k.split('/')[0]) for k in ing if 'x' not in k)}/1"]
-    large = ing["2000x100/1"]
+    large, best_large = ing["2000x100/1"], max((v for k, v in ing.items() if k.startswith("2000x100/")), key=lambda v: v["mb_per_s"])
     same = "identical results" if r.get("same_result_every_worker_count") else "**different results**"
     text = (f"synthetic corpora of real paragraphs (~40 words) with planted copies, 1 vs 2 worker processes ({same} at both); "
             f"near-dup at {top:,} docs {two['docs_per_s']:,} vs {one['docs_per_s']:,} docs/s ({one['docs_per_cpu_s']:,} per "
@@ -238,7 +238,8 @@ def data_scale_row(r: dict) -> tuple[str, str]:
             f"dedup stage on 2 workers vs 1 {_stage_ratios(r)} (target ≥ 1.6×: {_met(r['dedup_stage_ratio'] >= 1.6)}); "
             f"ingest of {small['files']:,} small files {small['files_per_s']:,} files/s (target ≥ 2,000: "
             f"{_met(small['files_per_s'] >= 2000)}), {small['mb_per_s']} MB/s, {large['mb']:.0f} MB in larger files "
-            f"{large['mb_per_s']} MB/s (target ≥ 50 MB/s: {_met(max(small['mb_per_s'], large['mb_per_s']) >= 50)}), "
+            f"{large['mb_per_s']} MB/s on 1 worker, {best_large['mb_per_s']} MB/s at best "
+            f"(target ≥ 50 MB/s: {_met(max(small['mb_per_s'], best_large['mb_per_s']) >= 50)}), "
             f"{_both_targets(ing)}peak RSS "
             f"{small['peak_rss_mb']:,} MB; exact dedup {r['exact'][f'{top}/1']['docs_per_s']:,} docs/s")
     return text, f"{r['ratio']}× one worker's near-dup docs/s ({top:,} docs, 2 workers; target ≥ 1.6×: {_met(r['ratio'] >= 1.6)})"
