@@ -12,9 +12,16 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines.config import FlowConfig
 from pipelines.data.neardup import numpy_of
 from pipelines.data.task_pool import TaskPool, task_pool
+
+
+def two_workers():
+    """flow.data_workers=2. Imported here, not at the top: the spawned workers import this module to run
+    echo_after, and pipelines.config would make them import torch (seconds, under CI's load)."""
+    from pipelines.config import FlowConfig
+
+    return FlowConfig(data_workers=2)
 
 
 def echo_after(value: int, seconds: float, marker: str | None = None) -> int:
@@ -34,8 +41,8 @@ def test_inline_batches_run_most_at_a_time():
 @pytest.mark.slow
 def test_worker_batches_come_in_order_and_grow_when_the_consumer_is_slow():
     # the first task is the slowest: the others finish before it, yet come after it
-    args = [(0, 1.0)] + [(i, 0.01) for i in range(1, 9)]
-    with task_pool(FlowConfig(data_workers=2)) as pool:
+    args = [(0, 2.0)] + [(i, 0.01) for i in range(1, 9)]
+    with task_pool(two_workers()) as pool:
         got = list(pool.batches(echo_after, args, 4))
     assert [v for batch in got for v in batch] == list(range(9))
     assert all(1 <= len(batch) <= 4 for batch in got)
@@ -45,7 +52,7 @@ def test_worker_batches_come_in_order_and_grow_when_the_consumer_is_slow():
 @pytest.mark.slow
 def test_a_consumer_that_stops_early_cancels_the_tasks_not_started(tmp_path):
     args = [(i, 0.3, str(tmp_path / f"ran-{i}")) for i in range(12)]
-    with task_pool(FlowConfig(data_workers=2)) as pool:
+    with task_pool(two_workers()) as pool:
         for batch in pool.batches(echo_after, args, 1):
             assert batch == [0]
             break
