@@ -4,6 +4,7 @@ when the consumer stops early. Real worker processes (spawned), no mocks."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,10 @@ def test_numpy_of_reads_arrow_integers_without_importing_pandas():
     with pytest.raises(ValueError, match="1 nulls"):
         numpy_of(pa.Array.from_buffers(pa.int64(), 2, [pa.py_buffer(np.packbits([1, 0], bitorder="little")),
                                                         pa.py_buffer(np.zeros(2, np.int64))]))
-    if "pandas" not in sys.modules:  # only meaningful where nothing imported it before
-        numpy_of(arrays[0])
-        assert "pandas" not in sys.modules
+    # in a fresh process: this one may have imported pandas already (MLflow, Prefect)
+    probe = ("import sys, duckdb; from pipelines.data.neardup import numpy_of; "
+             "t = duckdb.connect().sql('SELECT range::BIGINT AS i FROM range(5)').to_arrow_table(); "
+             "assert list(numpy_of(t.column('i'))) == [0, 1, 2, 3, 4]; print('pandas' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False", "numpy_of imported pandas"
